@@ -1,0 +1,39 @@
+"""Shared test fixtures.
+
+Real data and tokenizers live in a `shared/` folder beside the repository checkout.
+Tests that need it skip with a clear message when it is absent.
+"""
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+BEAUTY = SHARED / "data" / "amazon_beauty_cllm4rec"
+TOKENIZERS = SHARED / "tokenizers"
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"needs {path.relative_to(REPO.parent)} (the shared data folder beside the repo); not present here")
+    return path
+
+
+@pytest.fixture
+def mini_dir() -> Path:
+    return _require(BEAUTY / "mini")
+
+
+@pytest.fixture
+def full_dir() -> Path:
+    return _require(BEAUTY / "full")
+
+
+@pytest.fixture
+def derived_dir() -> Path:
+    return _require(BEAUTY / "derived")
+
+
+@pytest.fixture
+def tokenizers_dir() -> Path:
+    return _require(TOKENIZERS)
