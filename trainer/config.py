@@ -1,0 +1,163 @@
+"""Experiment configuration: YAML files in configs/ plus `key.sub=value` overrides.
+
+Every key is declared here, with its meaning beside it. Unknown keys are errors that
+name the file (or override) and the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class ModelSection:
+    base_dir: str = ""  # local directory of a Hugging Face causal LM: config, weights and tokenizer
+    add_bos: bool = True  # prepend the base's BOS token to every prompt (ignored if it has none)
+    attn_implementation: str = "auto"  # auto = flash_attention_2 when importable, else sdpa; or sdpa / eager
+    init_std: float = 0.02  # ID-table init N(0, init_std^2), the reference's
+
+
+@dataclass
+class LoraSection:
+    r: int = 8  # LoRA rank; 0 = paper mode: LoRA off, only the ID tables train
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                          "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
+class DataSection:
+    shards: str = ""  # output folder of `cllm4rec build-shards`
+    max_text_tokens: int = 256  # content main texts are cut to this many tokens
+    max_items: int = 100  # a collab document / rec prompt lists at most this many items (a random subset)
+    shuffle_buffer: int = 1000  # documents in the reader's shuffle buffer
+
+
+@dataclass
+class LossSection:
+    lambda_c: float = 1.0  # mutual-regularization strength (reference: 1, with SUM over tokens)
+    lambda_l: float = 0.0  # optional prior on collab rows (reference: 0)
+    vocab_chunk: int = 1024  # positions per chunk of the vocabulary-head cross-entropy
+
+
+@dataclass
+class PretrainSection:
+    content_warmup_epochs: int = 1  # content-only epochs first (reference: 10)
+    rounds: int = 2  # then this many rounds of one collaborative epoch + one content epoch
+    collab_batch_size: int = 16  # documents per rank per step
+    content_batch_size: int = 8
+    lr: float = 1e-3  # Adam learning rate (reference: 1e-3)
+    weight_decay: float = 0.0
+    max_steps_per_epoch: int = 0  # 0 = whole epoch; >0 caps every epoch (smoke runs)
+
+
+@dataclass
+class FinetuneSection:
+    init_from: str = ""  # a pretrain output folder; default <run.dir>/pretrain
+    epochs: int = 3  # recommendation epochs; validation after each picks the best
+    batch_size: int = 16  # users per rank per step
+    content_batch_size: int = 8
+    content_epochs: bool = True  # one content epoch after each rec epoch (mutual regularization both ways)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    holdout_fraction: float = 0.2  # share of each user's train items masked out of the prompt
+    target: str = "heldout"  # heldout (the paper) or all_train (the reference code)
+    select_metric: str = "recall@20"  # validation metric for model selection
+    max_steps_per_epoch: int = 0
+
+
+@dataclass
+class EvaluateSection:
+    checkpoint: str = ""  # a finetune or pretrain output folder; default <run.dir>/finetune
+    batch_size: int = 32  # users per rank per forward pass
+    splits: list = field(default_factory=lambda: ["val", "test"])
+    recommendations: bool = False  # also write recommendations.jsonl (top-100 per user, train items excluded)
+    baselines: bool = True  # print popularity and EASE (lambda chosen on val) beside the model
+
+
+@dataclass
+class RunSection:
+    dir: str = "runs/quickstart"  # every stage writes below this folder
+    seed: int = 0  # seeds data order, item reordering, hold-out masks, init and dropout
+    deepspeed: str = "configs/ds_zero3.json"  # DeepSpeed JSON config
+    log_every: int = 1  # print a loss line every this many steps (every step goes to train_log.jsonl)
+
+
+@dataclass
+class Config:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: DataSection = field(default_factory=DataSection)
+    loss: LossSection = field(default_factory=LossSection)
+    pretrain: PretrainSection = field(default_factory=PretrainSection)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def dump(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+
+def _apply(section, values: dict, origin: str, prefix: str = "") -> None:
+    known = {f.name: f for f in dataclasses.fields(section)}
+    for key, value in values.items():
+        if key not in known:
+            raise KeyError(f"{origin}: unknown config key '{prefix}{key}'; known keys: {', '.join(known)}")
+        current = getattr(section, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise TypeError(f"{origin}: '{prefix}{key}' is a section; give it a mapping, not {value!r}")
+            _apply(current, value, origin, f"{prefix}{key}.")
+            continue
+        if isinstance(current, bool) and not isinstance(value, bool):
+            raise TypeError(f"{origin}: '{prefix}{key}' must be true or false, got {value!r}")
+        if isinstance(current, (int, float)) and not isinstance(current, bool):
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise TypeError(f"{origin}: '{prefix}{key}' must be a number, got {value!r}")
+            if isinstance(current, int) and not float(value).is_integer():
+                raise TypeError(f"{origin}: '{prefix}{key}' must be a whole number, got {value!r}")
+            value = type(current)(value)
+        if isinstance(current, list) and not isinstance(value, list):
+            raise TypeError(f"{origin}: '{prefix}{key}' must be a list, got {value!r}")
+        setattr(section, key, value)
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file, then `a.b=value` overrides (values parsed as YAML)."""
+    cfg = Config()
+    if path:
+        text = Path(path).read_text()
+        _apply(cfg, yaml.safe_load(text) or {}, str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override '{item}' is not of the form key.sub=value")
+        dotted, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        nested: dict = {}
+        cursor = nested
+        keys = dotted.split(".")
+        for key in keys[:-1]:
+            cursor = cursor.setdefault(key, {})
+        cursor[keys[-1]] = value
+        _apply(cfg, nested, f"override '{item}'")
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: Config) -> None:
+    if cfg.finetune.target not in ("heldout", "all_train"):
+        raise ValueError(f"finetune.target must be 'heldout' or 'all_train', got {cfg.finetune.target!r}")
+    if not 0 < cfg.finetune.holdout_fraction < 1:
+        raise ValueError(f"finetune.holdout_fraction must be in (0, 1), got {cfg.finetune.holdout_fraction}")
+    if cfg.lora.r < 0:
+        raise ValueError(f"lora.r must be >= 0 (0 = paper mode), got {cfg.lora.r}")
+    if cfg.model.attn_implementation not in ("auto", "sdpa", "eager", "flash_attention_2"):
+        raise ValueError(f"model.attn_implementation: unknown value {cfg.model.attn_implementation!r}")

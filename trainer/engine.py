@@ -1,0 +1,114 @@
+"""Process setup shared by the recipes: distributed init, the model, the DeepSpeed engine."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import socket
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.cllm4rec import CLLM4Rec, LossConfig
+from model.lora import add_adapters
+from model.tokenizer import IDTokenizer
+from trainer import backbone as backbone_io
+from trainer.config import Config
+
+log = logging.getLogger("cllm4rec")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """Start (or join) the process group; returns (rank, world_size)."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # a plain `python`/pytest process: a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # The shared-memory comm op JIT-compiles for over a minute on first use; plain gloo
+        # collectives give identical results. (A private DeepSpeed switch, read at init.)
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    setup_logging(rank)
+    return rank, world
+
+
+def setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_ds_config(path: str, micro_batch: int) -> dict:
+    config_path = Path(path)
+    if not config_path.is_file():
+        raise FileNotFoundError(f"run.deepspeed={path!r}: DeepSpeed config not found (see configs/ds_*.json)")
+    ds = json.loads(config_path.read_text())
+    world = torch.distributed.get_world_size()
+    accumulation = int(ds.get("gradient_accumulation_steps", 1))
+    ds["train_micro_batch_size_per_gpu"] = micro_batch
+    ds["train_batch_size"] = micro_batch * accumulation * world
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    if ds.get("zero_optimization", {}).get("offload_optimizer"):
+        ds["zero_force_ds_cpu_optimizer"] = False  # our client optimizer runs on the CPU partition
+    return ds
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+_keepalive = []
+
+
+def build_model(cfg: Config, ds_config: dict, num_users: int, num_items: int) -> tuple[CLLM4Rec, IDTokenizer]:
+    """Tokenizer with ID tokens, frozen base (+ two LoRA adapters), ID tables."""
+    if zero_stage(ds_config) == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        _keepalive.append(HfDeepSpeedConfig(ds_config))  # must outlive from_pretrained
+    base_tokenizer = backbone_io.load_tokenizer(cfg.model.base_dir)
+    hf_model, _ = backbone_io.load_backbone(cfg.model.base_dir, cfg.model.attn_implementation)
+    vocab_size = hf_model.config.vocab_size
+    if vocab_size < len(base_tokenizer):
+        raise ValueError(f"{cfg.model.base_dir}: the tokenizer has {len(base_tokenizer)} tokens but the model's "
+                         f"vocabulary only {vocab_size}")
+    tokenizer = IDTokenizer(base_tokenizer, num_users, num_items, cfg.model.add_bos, vocab_size)
+    if cfg.lora.r > 0:
+        backbone = add_adapters(hf_model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
+        mode = f"LoRA r={cfg.lora.r} on {','.join(cfg.lora.target_modules)} + ID tables"
+    else:
+        backbone = hf_model
+        mode = "paper mode: LoRA off, only the ID tables train"
+    loss = LossConfig(cfg.loss.lambda_c, cfg.loss.lambda_l, cfg.loss.vocab_chunk)
+    model = CLLM4Rec(backbone, vocab_size, num_users, num_items, loss, cfg.model.init_std)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("model: %s; %d users, %d items; %s trainable parameters", mode, num_users, num_items, f"{trainable:,}")
+    return model, tokenizer
+
+
+def build_engine(model: CLLM4Rec, ds_config: dict, optimizer=None):
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine

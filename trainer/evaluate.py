@@ -1,0 +1,115 @@
+"""Evaluation recipe (method.md §6): one forward pass per user, full ranking over all items.
+
+    setup:  process group, shards, model with the saved ID tables + adapters, DeepSpeed engine
+    rank:   prompt = all train items (order fixed by the seed) + `, user_i will interact with`;
+            the rec head scores every item; train items are excluded; top-100 per user.
+            Users are split across ranks, and the top lists gathered on every rank.
+    save:   <run.dir>/metrics.json (Recall@20, Recall@40, NDCG@100 and the user count for
+            val and test) and, on request, <run.dir>/recommendations.jsonl
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from data_shards.reader import load_index, load_split
+from trainer.batching import Collator
+from trainer.config import Config
+from trainer.engine import build_engine, build_model, init_distributed, load_ds_config, seed_everything
+from trainer.metrics import csr_rows, evaluate_topk, topk_excluding
+from trainer.model_state import load_model_state
+
+log = logging.getLogger("cllm4rec")
+TOP_K = 100
+
+
+@torch.no_grad()
+def rank_users(engine, collator: Collator, train_csr, batch_size: int, k: int = TOP_K) -> np.ndarray:
+    """Top-k items (train items excluded) for every user, shape (num_users, k), on every rank.
+
+    Every rank runs the same number of forward passes (ZeRO-3 gathers parameters with
+    collectives), so the last rank's share is padded with repeats that are then dropped.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    num_users = train_csr.shape[0]
+    per_rank = -(-num_users // world)
+    mine = np.arange(rank * per_rank, min((rank + 1) * per_rank, num_users))
+    padded = np.resize(mine, per_rank) if len(mine) else np.zeros(per_rank, dtype=np.int64)
+    was_training = engine.training
+    engine.eval()
+    tops = []
+    for start in tqdm(range(0, per_rank, batch_size), desc="ranking users", disable=rank != 0, leave=False):
+        users = padded[start:start + batch_size]
+        history = csr_rows(train_csr, users)
+        scores = engine("score", collator.score(users.tolist(), [h.tolist() for h in history]))["scores"]
+        tops.append(topk_excluding(scores, history, k).cpu().numpy())
+    if was_training:
+        engine.train()
+    local = np.concatenate(tops)[: len(mine)]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, local)
+    return np.concatenate(gathered)
+
+
+def split_metrics(topk: np.ndarray, shard_dir: str, splits: list[str]) -> dict:
+    return {split: evaluate_topk(topk, load_split(shard_dir, split)) for split in splits}
+
+
+def write_recommendations(topk: np.ndarray, path: Path) -> None:
+    with open(path, "w") as f:
+        for user, items in enumerate(topk):
+            f.write(json.dumps({"user": user, "items": items.tolist()}) + "\n")
+
+
+def main(cfg: Config) -> dict:
+    # ----- setup -----
+    rank, world = init_distributed()
+    seed_everything(cfg.run.seed)
+    run_dir = Path(cfg.run.dir)
+    checkpoint = Path(cfg.evaluate.checkpoint or run_dir / "finetune")
+    index = load_index(cfg.data.shards)
+    ds_config = load_ds_config(cfg.run.deepspeed, cfg.evaluate.batch_size)
+    model, tokenizer = build_model(cfg, ds_config, index["num_users"], index["num_items"])
+    load_model_state(model, checkpoint)
+    engine = build_engine(model, ds_config)
+    collator = Collator(tokenizer, cfg.run.seed, cfg.data.max_text_tokens, cfg.data.max_items)
+    train = load_split(cfg.data.shards, "train")
+    log.info("evaluating %s on %d users x %d items, %d rank(s)", checkpoint, train.shape[0], train.shape[1], world)
+
+    # ----- rank -----
+    topk = rank_users(engine, collator, train, cfg.evaluate.batch_size)
+    metrics = split_metrics(topk, cfg.data.shards, cfg.evaluate.splits)
+
+    # ----- save -----
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.json").write_text(json.dumps({"checkpoint": str(checkpoint), **metrics}, indent=2))
+        if cfg.evaluate.recommendations:
+            write_recommendations(topk, run_dir / "recommendations.jsonl")
+        rows = {"CLLM4Rec": metrics}
+        if cfg.evaluate.baselines:
+            from trainer.baselines import run_baselines
+
+            val, test = load_split(cfg.data.shards, "val"), load_split(cfg.data.shards, "test")
+            base = run_baselines(train, val, test, log=lambda *a: None)
+            rows = {"popularity": base["popularity"], f"EASE (lambda={base['ease']['lambda']})": base["ease"], **rows}
+        print(format_metrics(rows, cfg.evaluate.splits))
+        log.info("wrote %s", run_dir / "metrics.json")
+    return metrics
+
+
+def format_metrics(rows: dict, splits: list[str]) -> str:
+    names = ("recall@20", "recall@40", "ndcg@100")
+    width = max(len(n) for n in rows) + 2
+    lines = []
+    for split in splits:
+        lines.append(f"{split:<{width}}" + "".join(f"{n:>11}" for n in names))
+        for model, result in rows.items():
+            lines.append(f"  {model:<{width - 2}}" + "".join(f"{result[split][n]:>11.4f}" for n in names))
+    return "\n".join(lines)

@@ -1,0 +1,77 @@
+"""Recommendation-oriented finetuning recipe (method.md §5), with model selection on validation.
+
+    setup:  process group, shards, model initialised from the pretrain output, DeepSpeed engine
+    train:  per epoch, rec steps on the collaborative model (prompt: a user's train items with a
+            random 20% masked out; target: the masked items, multi-hot, through the tied rec
+            head; mutual regularization towards the content tables), then (content_epochs) one
+            content epoch so regularization works both ways; then rank the validation users
+    save:   the epoch with the best validation metric to <run.dir>/finetune
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from data_shards.reader import ShardReader, load_index, load_split
+from trainer.batching import Collator
+from trainer.config import Config
+from trainer.engine import build_engine, build_model, init_distributed, load_ds_config, seed_everything
+from trainer.evaluate import rank_users, split_metrics
+from trainer.loop import TrainLog, train_epoch
+from trainer.model_state import load_model_state, save_model_state
+from trainer.optim import AlternatingAdamW, param_groups
+
+log = logging.getLogger("cllm4rec")
+
+
+def main(cfg: Config) -> Path:
+    # ----- setup -----
+    rank, world = init_distributed()
+    seed_everything(cfg.run.seed)
+    f = cfg.finetune
+    run_dir = Path(cfg.run.dir)
+    out_dir = run_dir / "finetune"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index = load_index(cfg.data.shards)
+    ds_config = load_ds_config(cfg.run.deepspeed, max(f.batch_size, f.content_batch_size))
+    model, tokenizer = build_model(cfg, ds_config, index["num_users"], index["num_items"])
+    load_model_state(model, Path(f.init_from or run_dir / "pretrain"))
+    optimizer = AlternatingAdamW(param_groups(model, f.weight_decay), lr=f.lr)
+    engine = build_engine(model, ds_config, optimizer)
+    collator = Collator(tokenizer, cfg.run.seed, cfg.data.max_text_tokens, cfg.data.max_items,
+                        f.holdout_fraction, f.target)
+    rec_reader = ShardReader(cfg.data.shards, "rec", f.batch_size, rank, world, cfg.run.seed, cfg.data.shuffle_buffer)
+    content_reader = ShardReader(cfg.data.shards, "content", f.content_batch_size, rank, world, cfg.run.seed,
+                                 cfg.data.shuffle_buffer)
+    train = load_split(cfg.data.shards, "train")
+    if rank == 0:
+        cfg.dump(out_dir / "config.json")
+    log.info("finetune on %d rank(s): %d users, %d epochs, target=%s", world, rec_reader.num_docs, f.epochs, f.target)
+
+    # ----- train, selecting on validation -----
+    train_log = TrainLog(out_dir / "train_log.jsonl", rank, cfg.run.log_every)
+    best, history = None, []
+    for epoch in range(f.epochs):
+        train_epoch(engine, optimizer, rec_reader, collator.rec, "rec", "collab", epoch,
+                    f"finetune {epoch + 1} rec", train_log, f.max_steps_per_epoch)
+        if f.content_epochs:
+            train_epoch(engine, optimizer, content_reader, collator.content, "content", "content", epoch,
+                        f"finetune {epoch + 1} content", train_log, f.max_steps_per_epoch)
+        val = split_metrics(rank_users(engine, collator, train, cfg.evaluate.batch_size), cfg.data.shards,
+                            ["val"])["val"]
+        history.append({"epoch": epoch, **val})
+        improved = best is None or val[f.select_metric] > best[f.select_metric]
+        log.info("finetune epoch %d: val %s%s", epoch,
+                 " ".join(f"{k}={v:.4f}" for k, v in val.items() if k != "users"), "  (best so far)" if improved else "")
+        if improved:
+            best = {"epoch": epoch, **val}
+            # ----- save (the best epoch so far) -----
+            save_model_state(engine.module, out_dir, rank)
+    train_log.close()
+    if rank == 0:
+        (out_dir / "selection.json").write_text(json.dumps({"metric": f.select_metric, "best": best,
+                                                             "history": history}, indent=2))
+    log.info("best epoch %d (val %s %.4f) saved to %s", best["epoch"], f.select_metric, best[f.select_metric],
+             out_dir)
+    return out_dir

@@ -1,0 +1,45 @@
+"""One optimizer for both models, which only ever updates the model whose loss was computed.
+
+The collaborative and content models alternate steps on one DeepSpeed engine. DeepSpeed
+gives every trainable parameter a gradient slot on every step (zero when it took no part),
+and Adam's momentum would still move those parameters. So each model's parameters form
+their own param group, tagged with the model's name, and `step()` runs Adam on the active
+model's groups only: the other model's weights and optimizer state stay exactly as they were.
+"""
+from __future__ import annotations
+
+import torch
+
+MODELS = ("collab", "content")
+
+
+def model_of(param_name: str) -> str:
+    """Which model a trainable parameter of CLLM4Rec belongs to."""
+    for model in MODELS:
+        if param_name.startswith(f"tables.{model}_") or f".{model}." in param_name:
+            return model
+    raise ValueError(f"trainable parameter {param_name} belongs to neither model")
+
+
+def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    groups = {model: [] for model in MODELS}
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            groups[model_of(name)].append(param)
+    return [{"params": params, "model": model, "weight_decay": weight_decay}
+            for model, params in groups.items() if params]
+
+
+class AlternatingAdamW(torch.optim.AdamW):
+    active_model: str = "collab"
+
+    def step(self, closure=None):
+        inactive = [g for g in self.param_groups if g["model"] != self.active_model]
+        held = [g["params"] for g in inactive]
+        for group in inactive:
+            group["params"] = []
+        try:
+            return super().step(closure)
+        finally:
+            for group, params in zip(inactive, held):
+                group["params"] = params
