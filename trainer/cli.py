@@ -83,6 +83,7 @@ def _baselines(args) -> None:
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cllm4rec", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("build-shards", help="CLLM4Rec-format folder -> WebDataset shards + index.json")
@@ -119,7 +120,6 @@ def parser() -> argparse.ArgumentParser:
     for name in ("pretrain", "finetune", "evaluate"):
         p = sub.add_parser(name, help=f"the {name} recipe (run it through launch/{name}.sh)")
         p.add_argument("--config", required=True, help="YAML experiment config (configs/)")
-        p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the deepspeed launcher
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config")
         p.set_defaults(func=lambda args, name=name: _recipe(name, args))
     return ap

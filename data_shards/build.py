@@ -1,0 +1,199 @@
+"""Write a RawDataset as WebDataset tar shards plus an index (the project's own format).
+
+Layout of ``out_dir``::
+
+    index.json                       format_version 1: counts, shard list (size, sha256), text sources
+    splits/{train,val,test}.npz      scipy.sparse CSR (save_npz), for evaluation and masking
+    collab/collab-00000.tar ...      one sample per user with >= 1 train item
+    rec/rec-00000.tar ...            one sample per user with >= 1 train item (hold-out drawn at read time)
+    content/content-00000.tar ...    one sample per text record
+
+Every sample is ``{"__key__": "<9-digit index in the stream>", "json": <utf-8 JSON doc>}``.
+Documents are plain dicts of ids and text (no model, no tokenizer here):
+
+- collab / rec: ``{"user": u, "items": [train items ascending]}``
+- content: ``{"kind": k, "user": u or null, "item": i or null, "text": str}``
+
+Shards are byte-reproducible (fixed tar mtime/owner), so the sha256 in the index identifies
+the content. No pickle anywhere in this format.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import scipy.sparse as sp
+
+from .sources import TEXT_KINDS, RawDataset, load_cllm4rec
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+STREAMS = ("collab", "rec", "content")
+SPLIT_NAMES = ("train", "val", "test")
+INDEX_NAME = "index.json"
+# What build_shards writes into out_dir (and what overwrite=True removes).
+_OWNED = (*STREAMS, "splits", INDEX_NAME)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _user_docs(train: sp.csr_matrix) -> Iterator[dict]:
+    indptr, indices = train.indptr, train.indices
+    for u in range(train.shape[0]):
+        row = indices[indptr[u]:indptr[u + 1]]
+        if row.size:
+            yield {"user": u, "items": [int(i) for i in np.sort(row)]}
+
+
+def _content_docs(dataset: RawDataset) -> Iterator[dict]:
+    for rec in dataset.texts:
+        yield {"kind": rec.kind, "user": None if rec.user is None else int(rec.user),
+               "item": None if rec.item is None else int(rec.item), "text": rec.text}
+
+
+def _write_stream(out_dir: Path, stream: str, docs: Iterable[dict], total: int, docs_per_shard: int) -> dict:
+    import webdataset as wds  # lazy: webdataset imports torch
+
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency, but the bar is optional
+        def tqdm(x, **_):
+            return x
+
+    sdir = out_dir / stream
+    sdir.mkdir(parents=True, exist_ok=True)
+    shards: list[dict] = []
+    writer, path, count, n = None, None, 0, 0
+
+    def close():
+        nonlocal writer
+        writer.close()
+        writer = None
+        shards.append({"path": path.relative_to(out_dir).as_posix(), "num_docs": count,
+                       "bytes": path.stat().st_size, "sha256": _sha256(path)})
+
+    for doc in tqdm(docs, total=total, desc=f"shards {stream}", unit="doc", disable=None):
+        if writer is None or count >= docs_per_shard:
+            if writer is not None:
+                close()
+            path = sdir / f"{stream}-{len(shards):05d}.tar"
+            # Fixed mtime/owner: identical inputs give byte-identical shards (and sha256).
+            writer = wds.TarWriter(str(path), encoder=False, mtime=0.0, user="cllm4rec", group="cllm4rec")
+            count = 0
+        payload = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        writer.write({"__key__": f"{n:09d}", "json": payload})
+        count += 1
+        n += 1
+    if writer is not None:
+        close()
+    if n != total:
+        raise RuntimeError(f"internal error: wrote {n} {stream} docs, expected {total}")
+    log.info("%s: %d docs in %d shards", stream, n, len(shards))
+    return {"num_docs": n, "shards": shards}
+
+
+def _check_dataset(ds: RawDataset) -> None:
+    shape = (int(ds.num_users), int(ds.num_items))
+    for name in SPLIT_NAMES:
+        m = getattr(ds, name)
+        if not sp.issparse(m) or m.shape != shape:
+            raise ValueError(f"dataset.{name} must be a scipy sparse matrix of shape {shape}, "
+                             f"got {type(m).__name__} {getattr(m, 'shape', None)}")
+    for k, rec in enumerate(ds.texts):
+        if rec.kind not in TEXT_KINDS:
+            raise ValueError(f"dataset.texts[{k}]: unknown kind {rec.kind!r} (expected one of {TEXT_KINDS})")
+
+
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir} exists and is not a directory; choose another output folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out_dir} is not empty; refusing to overwrite it. Pass overwrite=True "
+                                  "(cllm4rec build-shards --overwrite) to replace its shards, or choose an "
+                                  "empty/new output folder")
+        # Remove only what a build writes; anything else in the folder is left alone.
+        for name in _OWNED:
+            p = out_dir / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+        others = sorted(p.name for p in out_dir.iterdir())
+        if others:
+            log.warning("%s: keeping files that build-shards does not own: %s", out_dir, others[:10])
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def build_shards(dataset: RawDataset, out_dir, docs_per_shard: int = 2000, overwrite: bool = False,
+                 source: dict | None = None) -> dict:
+    """Write ``dataset`` as shards under ``out_dir`` (layout in the module docstring); return the index.
+
+    Order is deterministic: collab/rec docs by user ascending, content docs in load order.
+    Refuses a non-empty ``out_dir`` unless ``overwrite=True``. ``index.json`` is written last
+    (atomically), so a folder without it is an unfinished build.
+    """
+    if int(docs_per_shard) < 1:
+        raise ValueError(f"docs_per_shard must be >= 1, got {docs_per_shard}")
+    docs_per_shard = int(docs_per_shard)
+    _check_dataset(dataset)
+    out_dir = Path(out_dir)
+    _prepare_out_dir(out_dir, overwrite)
+
+    train = sp.csr_matrix(dataset.train, dtype=np.float32)
+    splits = {}
+    (out_dir / "splits").mkdir()
+    for name in SPLIT_NAMES:
+        m = sp.csr_matrix(getattr(dataset, name), dtype=np.float32)
+        m.sort_indices()
+        sp.save_npz(out_dir / "splits" / f"{name}.npz", m)
+        splits[name] = int(m.nnz)
+
+    n_users_with_train = int(np.count_nonzero(np.diff(train.indptr)))
+    streams = {
+        "collab": _write_stream(out_dir, "collab", _user_docs(train), n_users_with_train, docs_per_shard),
+        "rec": _write_stream(out_dir, "rec", _user_docs(train), n_users_with_train, docs_per_shard),
+        "content": _write_stream(out_dir, "content", _content_docs(dataset), len(dataset.texts), docs_per_shard),
+    }
+    index = {
+        "format_version": FORMAT_VERSION,
+        "num_users": int(dataset.num_users),
+        "num_items": int(dataset.num_items),
+        "splits": splits,
+        "streams": streams,
+        "text_sources": dataset.text_sources,
+        "source": source or {},
+    }
+    tmp = out_dir / (INDEX_NAME + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, out_dir / INDEX_NAME)
+    log.info("wrote %s: %s", out_dir / INDEX_NAME,
+             {k: v["num_docs"] for k, v in streams.items()})
+    return index
+
+
+def main_build(input_dir, output_dir, text_dirs=(), docs_per_shard: int = 2000, overwrite: bool = False) -> dict:
+    """``load_cllm4rec(input_dir, text_dirs)`` then ``build_shards`` (what ``cllm4rec build-shards`` runs)."""
+    text_dirs = [Path(d) for d in text_dirs]
+    dataset = load_cllm4rec(input_dir, text_dirs)
+    source = {
+        "format": "cllm4rec",
+        "input_dir": str(Path(input_dir).resolve()),
+        "text_dirs": [str(d.resolve()) for d in text_dirs],
+    }
+    return build_shards(dataset, output_dir, docs_per_shard=docs_per_shard, overwrite=overwrite, source=source)
