@@ -78,17 +78,18 @@ def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
-_keepalive = []
-
-
 def build_model(cfg: Config, ds_config: dict, num_users: int, num_items: int) -> tuple[CLLM4Rec, IDTokenizer]:
     """Tokenizer with ID tokens, frozen base (+ two LoRA adapters), ID tables."""
+    base_tokenizer = backbone_io.load_tokenizer(cfg.model.base_dir)
+    zero3_loading = None
     if zero_stage(ds_config) == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
-        _keepalive.append(HfDeepSpeedConfig(ds_config))  # must outlive from_pretrained
-    base_tokenizer = backbone_io.load_tokenizer(cfg.model.base_dir)
+        # While this object lives, from_pretrained builds the model inside zero.Init, so no
+        # rank ever holds the whole base.
+        zero3_loading = HfDeepSpeedConfig(ds_config)
     hf_model, _ = backbone_io.load_backbone(cfg.model.base_dir, cfg.model.attn_implementation)
+    del zero3_loading
     vocab_size = hf_model.config.vocab_size
     if vocab_size < len(base_tokenizer):
         raise ValueError(f"{cfg.model.base_dir}: the tokenizer has {len(base_tokenizer)} tokens but the model's "

@@ -1,0 +1,47 @@
+"""Small builders shared by tests: a tiny random LLaMA with a trained tokenizer, and toy data."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from model.cllm4rec import CLLM4Rec, LossConfig
+from model.lora import add_adapters
+from model.tokenizer import IDTokenizer
+from trainer.backbone import TINY_LLAMA, train_bpe_tokenizer
+
+CORPUS = ["great shampoo smells nice and lathers well", "body wash for men, three pack",
+          "would buy again; the brand is reliable", "mineral foundation with spf 15"] * 20
+NUM_USERS, NUM_ITEMS = 6, 12
+
+
+def tiny_tokenizer():
+    return train_bpe_tokenizer(CORPUS, vocab_size=200)
+
+
+def tiny_model(lora: bool = True, seed: int = 0, lambda_c: float = 1.0):
+    base_tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(base_tok), **TINY_LLAMA)
+    hf = LlamaForCausalLM(config)
+    hf.requires_grad_(False)
+    backbone = add_adapters(hf, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]) if lora else hf
+    model = CLLM4Rec(backbone, len(base_tok), NUM_USERS, NUM_ITEMS, LossConfig(lambda_c=lambda_c, vocab_chunk=7))
+    tok = IDTokenizer(base_tok, NUM_USERS, NUM_ITEMS)
+    return model, tok
+
+
+def docs_collab():
+    return [{"user": 0, "items": [1, 2, 3], "pos": 0}, {"user": 4, "items": [5, 7, 9, 11, 0], "pos": 1}]
+
+
+def docs_content():
+    return [{"kind": "review", "user": 1, "item": 2, "text": "great shampoo smells nice", "pos": 0},
+            {"kind": "title", "user": None, "item": 5, "text": "body wash for men, three pack", "pos": 1}]
+
+
+def write_tiny_checkpoint(out: Path) -> Path:
+    from trainer.backbone import write_tiny_llama
+
+    return write_tiny_llama(str(out), tiny_tokenizer())

@@ -1,0 +1,33 @@
+import pytest
+
+from tests.conftest import REPO
+from trainer.config import load_config
+
+
+def test_shipped_configs_load():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        load_config(str(path))
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(str(REPO / "configs" / "quickstart.yaml"), ["lora.r=0", "pretrain.lr=0.01",
+                                                                    "evaluate.splits=[test]"])
+    assert cfg.lora.r == 0 and cfg.pretrain.lr == 0.01 and cfg.evaluate.splits == ["test"]
+
+
+def test_unknown_key_names_the_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pretrain:\n  learning_rate: 0.1\n")
+    with pytest.raises(KeyError, match=r"bad.yaml: unknown config key 'pretrain.learning_rate'"):
+        load_config(str(bad))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("lora.r=abc", "must be a number"),
+    ("pretrain.rounds=1.5", "whole number"),
+    ("finetune.target=everything", "finetune.target"),
+    ("run", "key.sub=value"),
+])
+def test_bad_values_are_clear_errors(override, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        load_config(None, [override])

@@ -1,0 +1,122 @@
+"""Tiny pretrain -> finetune -> evaluate on the real mini split, 2 DeepSpeed ranks, via launch/.
+
+One run of the three launch scripts (each start costs ~20 s of imports), then every check
+on its outputs.
+"""
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def _launch(stage: str, overrides: list[str], env: dict) -> str:
+    cmd = ["bash", str(REPO / "launch" / f"{stage}.sh"), "configs/quickstart.yaml", *overrides]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"{stage} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout + done.stderr
+
+
+def _independent_metrics(recs: dict, heldout: sp.csr_matrix) -> dict:
+    sums = {"recall@20": 0.0, "recall@40": 0.0, "ndcg@100": 0.0}
+    users = 0
+    for user in range(heldout.shape[0]):
+        relevant = set(heldout.indices[heldout.indptr[user]:heldout.indptr[user + 1]].tolist())
+        if not relevant:
+            continue
+        users += 1
+        ranked = recs[user]
+        for k in (20, 40):
+            sums[f"recall@{k}"] += len(relevant & set(ranked[:k])) / min(k, len(relevant))
+        dcg = sum(1 / math.log2(r + 2) for r, item in enumerate(ranked[:100]) if item in relevant)
+        idcg = sum(1 / math.log2(r + 2) for r in range(min(100, len(relevant))))
+        sums["ndcg@100"] += dcg / idcg
+    return {**{k: v / users for k, v in sums.items()}, "users": users}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, mini_dir):
+    tmp = tmp_path_factory.mktemp("e2e")
+    env = {**os.environ, "NPROC": "2"}
+    subprocess.run(["cllm4rec", "build-shards", "--input", str(mini_dir), "--output", str(tmp / "shards")],
+                   check=True, env=env, capture_output=True)
+    subprocess.run(["cllm4rec", "make-tiny-model", "--output", str(tmp / "tiny")], check=True, env=env,
+                   capture_output=True)
+    overrides = [f"model.base_dir={tmp / 'tiny'}", f"data.shards={tmp / 'shards'}", f"run.dir={tmp / 'run'}",
+                 "pretrain.max_steps_per_epoch=3", "pretrain.rounds=1", "finetune.epochs=2",
+                 "finetune.max_steps_per_epoch=3", "finetune.content_epochs=true", "evaluate.recommendations=true"]
+    logs = {stage: _launch(stage, overrides, env) for stage in ("pretrain", "finetune", "evaluate")}
+    return tmp, logs
+
+
+def test_stages_log_progress_and_per_step_losses(run):
+    tmp, logs = run
+    lines = [json.loads(x) for x in (tmp / "run" / "pretrain" / "train_log.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 * 3  # content warm-up, collab, content; 3 steps each
+    assert [x["task"] for x in lines[::3]] == ["content", "collab", "content"]
+    assert all(math.isfinite(x["loss"]) for x in lines)
+    assert "pretrain on 2 rank(s)" in logs["pretrain"]
+    selection = json.loads((tmp / "run" / "finetune" / "selection.json").read_text())
+    assert len(selection["history"]) == 2
+
+
+def test_metrics_file_and_recommendations_agree_with_an_independent_computation(run, mini_dir):
+    tmp, logs = run
+    metrics = json.loads((tmp / "run" / "metrics.json").read_text())
+    recs = {}
+    for line in (tmp / "run" / "recommendations.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        recs[row["user"]] = row["items"]
+    train = sp.load_npz(mini_dir / "train_matrix.npz").tocsr()
+    assert sorted(recs) == list(range(train.shape[0]))
+    for user, items in recs.items():
+        assert len(items) == 100 == len(set(items))
+        assert not set(items) & set(train.indices[train.indptr[user]:train.indptr[user + 1]].tolist())
+    for split in ("val", "test"):
+        expected = _independent_metrics(recs, sp.load_npz(mini_dir / f"{split}_matrix.npz").tocsr())
+        assert metrics[split]["users"] == expected["users"]
+        for key in ("recall@20", "recall@40", "ndcg@100"):
+            assert abs(metrics[split][key] - expected[key]) < 1e-6
+    assert "EASE" in logs["evaluate"] and "popularity" in logs["evaluate"]
+
+
+def test_saved_adapters_and_tables_are_non_empty_and_load_without_deepspeed(run):
+    tmp, _ = run
+    for stage in ("pretrain", "finetune"):
+        out = tmp / "run" / stage
+        tables = load_file(str(out / "id_tables.safetensors"))
+        hidden = json.loads((tmp / "tiny" / "config.json").read_text())["hidden_size"]
+        assert tables["collab_user"].shape == tables["content_user"].shape == (88, hidden)
+        assert tables["collab_item"].shape == tables["content_item"].shape == (500, hidden)
+        assert not torch.equal(tables["collab_item"], tables["content_item"])
+        for adapter in ("collab", "content"):
+            weights = load_file(str(out / "adapters" / adapter / "adapter_model.safetensors"))
+            assert weights and all(t.numel() > 0 for t in weights.values())
+            base = AutoModelForCausalLM.from_pretrained(tmp / "tiny")
+            peft = PeftModel.from_pretrained(base, out / "adapters" / adapter)
+            loaded = {n: p for n, p in peft.named_parameters() if "lora_" in n}
+            assert len(loaded) == len(weights)
+            b_weights = [t for n, t in weights.items() if "lora_B" in n]
+            assert any(t.abs().sum() > 0 for t in b_weights), "lora_B never trained (still zero)"
+
+
+def test_two_adapters_differ_after_training(run):
+    tmp, _ = run
+    out = tmp / "run" / "finetune" / "adapters"
+    a = load_file(str(out / "collab" / "adapter_model.safetensors"))
+    b = load_file(str(out / "content" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert np.isfinite([t.sum().item() for t in a.values()]).all()

@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+from model.tokenizer import IDTokenizer
+from trainer.backbone import real_tokenizer, train_bpe_tokenizer
+
+TEXTS = [
+    "user_3 has interacted with item_0 item_7 item_19",
+    "user_3 has interacted with item_4 item_5, user_3 will interact with",
+    "user_0 wrote the following review for item_2: Great shampoo, smells nice!\nWould buy again.",
+    "The title of item_11 is: Dove Men+Care Body Wash (3 pack)",
+    "item_1",
+]
+
+
+@pytest.fixture(scope="module")
+def trained():
+    corpus = ["great shampoo smells nice", "body wash for men", "would buy again, 3 pack"] * 30
+    return IDTokenizer(train_bpe_tokenizer(corpus, vocab_size=300), num_users=5, num_items=20)
+
+
+def test_round_trip_trained_tokenizer(trained):
+    for text in TEXTS:
+        assert trained.decode(trained.encode(text, with_bos=False)) == text
+
+
+def test_round_trip_gpt2(tokenizers_dir):
+    tok = IDTokenizer(real_tokenizer(tokenizers_dir, "gpt2"), num_users=5, num_items=20)
+    for text in TEXTS:
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_id_tokens_are_atomic_and_after_the_vocabulary(trained):
+    n = trained.vocab_size
+    ids = trained.encode("item_0 item_7 item_19", with_bos=False)
+    assert ids == [n + 5 + 0, n + 5 + 7, n + 5 + 19]
+    assert trained.encode("user_4", with_bos=False) == [n + 4]
+    prompt = trained.encode("user_3 has interacted with", with_bos=False)
+    assert prompt[0] == n + 3 and all(t < n for t in prompt[1:])
+    assert trained.total_size == n + 25
+
+
+def test_out_of_range_id_is_an_error(trained):
+    with pytest.raises(ValueError, match="item_20 is out of range"):
+        trained.encode("item_20")
+
+
+def test_bos_and_padding(trained):
+    tok = IDTokenizer(trained.base, 5, 20, add_bos=True)
+    batch = tok(["item_1", "user_0 has interacted with item_2"])
+    assert batch.input_ids[:, 0].tolist() == [tok.base.bos_token_id] * 2
+    assert batch.lengths.tolist() == batch.attention_mask.sum(1).tolist()
+    short = int(batch.lengths[0])
+    assert batch.attention_mask[0, short:].sum() == 0
+    assert torch.all(batch.input_ids[0, short:] == tok.pad_id)
+    assert tok.decode(batch.input_ids[1, : int(batch.lengths[1])].tolist()) == "user_0 has interacted with item_2"
+
+
+def test_padded_vocabulary_moves_the_id_range(trained):
+    tok = IDTokenizer(trained.base, 5, 20, vocab_size=len(trained.base) + 12)
+    assert tok.encode("user_0", with_bos=False) == [len(trained.base) + 12]
