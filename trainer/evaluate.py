@@ -22,6 +22,7 @@ from data_shards.reader import load_index, load_split
 from trainer.batching import Collator
 from trainer.config import Config
 from trainer.engine import build_engine, build_model, init_distributed, load_ds_config, seed_everything
+from trainer.baselines import format_table, run_baselines
 from trainer.metrics import csr_rows, evaluate_topk, topk_excluding
 from trainer.model_state import load_model_state
 
@@ -94,22 +95,10 @@ def main(cfg: Config) -> dict:
             write_recommendations(topk, run_dir / "recommendations.jsonl")
         rows = {"CLLM4Rec": metrics}
         if cfg.evaluate.baselines:
-            from trainer.baselines import run_baselines
-
             val, test = load_split(cfg.data.shards, "val"), load_split(cfg.data.shards, "test")
             base = run_baselines(train, val, test, log=lambda *a: None)
             rows = {"popularity": base["popularity"], f"EASE (lambda={base['ease']['lambda']})": base["ease"], **rows}
-        print(format_metrics(rows, cfg.evaluate.splits))
+        for split in cfg.evaluate.splits:
+            print(f"{split}:\n" + format_table({name: result[split] for name, result in rows.items()}))
         log.info("wrote %s", run_dir / "metrics.json")
     return metrics
-
-
-def format_metrics(rows: dict, splits: list[str]) -> str:
-    names = ("recall@20", "recall@40", "ndcg@100")
-    width = max(len(n) for n in rows) + 2
-    lines = []
-    for split in splits:
-        lines.append(f"{split:<{width}}" + "".join(f"{n:>11}" for n in names))
-        for model, result in rows.items():
-            lines.append(f"  {model:<{width - 2}}" + "".join(f"{result[split][n]:>11.4f}" for n in names))
-    return "\n".join(lines)
