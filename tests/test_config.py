@@ -31,3 +31,15 @@ def test_unknown_key_names_the_file_and_key(tmp_path):
 def test_bad_values_are_clear_errors(override, message):
     with pytest.raises((TypeError, ValueError), match=message):
         load_config(None, [override])
+
+
+def test_readme_documents_every_config_key():
+    import dataclasses
+
+    from trainer.config import Config
+
+    readme = (REPO / "README.md").read_text()
+    cfg = Config()
+    for section in dataclasses.fields(cfg):
+        for key in dataclasses.fields(getattr(cfg, section.name)):
+            assert f"`{section.name}.{key.name}`" in readme, f"README lacks {section.name}.{key.name}"

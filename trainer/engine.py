@@ -108,6 +108,22 @@ def build_model(cfg: Config, ds_config: dict, num_users: int, num_items: int) ->
     return model, tokenizer
 
 
+def report_resources(out_dir: Path, stage: str, started: float) -> dict:
+    """Wall time and every rank's peak RSS, logged and written to <out_dir>/resources.json by rank 0."""
+    import resource
+    import time
+
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    peaks = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(peaks, round(peak_mb, 1))
+    report = {"stage": stage, "wall_s": round(time.time() - started, 1), "peak_rss_mb_per_rank": peaks}
+    if torch.distributed.get_rank() == 0:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "resources.json").write_text(json.dumps(report, indent=2))
+        log.info("%s: %.1f s wall, peak RSS per rank %s MB", stage, report["wall_s"], peaks)
+    return report
+
+
 def build_engine(model: CLLM4Rec, ds_config: dict, optimizer=None):
     import deepspeed
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,8 @@ from tqdm import tqdm
 from data_shards.reader import load_index, load_split
 from trainer.batching import Collator
 from trainer.config import Config
-from trainer.engine import build_engine, build_model, init_distributed, load_ds_config, seed_everything
+from trainer.engine import (build_engine, build_model, init_distributed, load_ds_config, report_resources,
+                            seed_everything)
 from trainer.baselines import format_table, run_baselines
 from trainer.metrics import csr_rows, evaluate_topk, topk_excluding
 from trainer.model_state import load_model_state
@@ -70,6 +72,7 @@ def write_recommendations(topk: np.ndarray, path: Path) -> None:
 
 def main(cfg: Config) -> dict:
     # ----- setup -----
+    started = time.time()
     rank, world = init_distributed()
     seed_everything(cfg.run.seed)
     run_dir = Path(cfg.run.dir)
@@ -88,6 +91,7 @@ def main(cfg: Config) -> dict:
     metrics = split_metrics(topk, cfg.data.shards, cfg.evaluate.splits)
 
     # ----- save -----
+    report_resources(run_dir / "evaluate", "evaluate", started)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "metrics.json").write_text(json.dumps({"checkpoint": str(checkpoint), **metrics}, indent=2))

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 from data_shards.reader import ShardReader, load_index, load_split
 from trainer.batching import Collator
 from trainer.config import Config
-from trainer.engine import build_engine, build_model, init_distributed, load_ds_config, seed_everything
+from trainer.engine import (build_engine, build_model, init_distributed, load_ds_config, report_resources,
+                            seed_everything)
 from trainer.evaluate import rank_users, split_metrics
 from trainer.loop import TrainLog, train_epoch
 from trainer.model_state import load_model_state, save_model_state
@@ -27,6 +29,7 @@ log = logging.getLogger("cllm4rec")
 
 def main(cfg: Config) -> Path:
     # ----- setup -----
+    started = time.time()
     rank, world = init_distributed()
     seed_everything(cfg.run.seed)
     f = cfg.finetune
@@ -74,4 +77,5 @@ def main(cfg: Config) -> Path:
                                                              "history": history}, indent=2))
     log.info("best epoch %d (val %s %.4f) saved to %s", best["epoch"], f.select_metric, best[f.select_metric],
              out_dir)
+    report_resources(out_dir, "finetune", started)
     return out_dir

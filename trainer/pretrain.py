@@ -10,12 +10,14 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from data_shards.reader import ShardReader, load_index
 from trainer.batching import Collator
 from trainer.config import Config
-from trainer.engine import build_engine, build_model, init_distributed, load_ds_config, seed_everything
+from trainer.engine import (build_engine, build_model, init_distributed, load_ds_config, report_resources,
+                            seed_everything)
 from trainer.loop import TrainLog, train_epoch
 from trainer.model_state import save_model_state
 from trainer.optim import AlternatingAdamW, param_groups
@@ -29,6 +31,7 @@ def epoch_plan(content_warmup_epochs: int, rounds: int) -> list[str]:
 
 def main(cfg: Config) -> Path:
     # ----- setup -----
+    started = time.time()
     rank, world = init_distributed()
     seed_everything(cfg.run.seed)
     out_dir = Path(cfg.run.dir) / "pretrain"
@@ -67,4 +70,5 @@ def main(cfg: Config) -> Path:
     # ----- save -----
     save_model_state(engine.module, out_dir, rank)
     log.info("saved ID tables%s to %s", " and adapters" if engine.module.lora else "", out_dir)
+    report_resources(out_dir, "pretrain", started)
     return out_dir

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Usage: bench/beauty_full.sh [key.sub=value ...]
+# A small CLLM4Rec (random 2-layer LLaMA, Llama-2 tokenizer) on the paper's full Beauty split,
+# on 2 CPU ranks: pretrain -> finetune -> evaluate. Prints test Recall@20 / Recall@40 / NDCG@100
+# beside popularity and EASE (lambda chosen on validation), computed in the same run, then the
+# wall time and peak RSS per rank of every stage. Needs the shared data folder beside the repo.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BEAUTY=${BEAUTY:-../shared/data/amazon_beauty_cllm4rec}
+OUT=${OUT:-runs/bench-beauty}
+SHARDS=runs/shards-beauty-full
+TOKENIZERS=${TOKENIZERS:-../shared/tokenizers}
+if [ ! -d "$BEAUTY/full" ]; then echo "bench/beauty_full.sh: $BEAUTY/full not found (set BEAUTY=...)" >&2; exit 2; fi
+
+[ -f "$SHARDS/index.json" ] || cllm4rec build-shards --input "$BEAUTY/full" --texts "$BEAUTY/derived" \
+  --output "$SHARDS" --overwrite
+[ -f "$OUT/base/config.json" ] || cllm4rec make-tiny-model --output "$OUT/base" --tokenizer llama2 \
+  --tokenizers-dir "$TOKENIZERS" --hidden-size 128 --layers 2
+
+ARGS=(model.base_dir="$OUT/base" data.shards="$SHARDS" run.dir="$OUT" "$@")
+start=$(date +%s)
+launch/pretrain.sh configs/beauty_bench.yaml "${ARGS[@]}"
+launch/finetune.sh configs/beauty_bench.yaml "${ARGS[@]}"
+launch/evaluate.sh configs/beauty_bench.yaml "${ARGS[@]}"
+echo "total wall time: $(( $(date +%s) - start )) s"
+python bench/summarize.py "$OUT"
