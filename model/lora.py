@@ -28,10 +28,8 @@ def activate_adapter(peft_model: PeftModel, name: str) -> None:
     """
     if peft_model.active_adapter == name:
         return
-    peft_model.base_model.set_adapter(name)
-    for param_name, param in peft_model.named_parameters():
-        if "lora_" in param_name:
-            param.requires_grad = True
+    peft_model.set_adapter(name)
+    peft_model.set_requires_grad(list(ADAPTERS), requires_grad=True)
 
 
 def adapter_parameters(peft_model: PeftModel, name: str) -> dict:

@@ -19,21 +19,21 @@ def _require(path: Path) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def mini_dir() -> Path:
     return _require(BEAUTY / "mini")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def full_dir() -> Path:
     return _require(BEAUTY / "full")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def derived_dir() -> Path:
     return _require(BEAUTY / "derived")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tokenizers_dir() -> Path:
     return _require(TOKENIZERS)

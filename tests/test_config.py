@@ -27,6 +27,8 @@ def test_unknown_key_names_the_file_and_key(tmp_path):
     ("pretrain.rounds=1.5", "whole number"),
     ("finetune.target=everything", "finetune.target"),
     ("run", "key.sub=value"),
+    ("finetune.epochs=0", "at least 1"),
+    ("evaluate.splits=[train]", "unknown split"),
 ])
 def test_bad_values_are_clear_errors(override, message):
     with pytest.raises((TypeError, ValueError), match=message):

@@ -119,6 +119,11 @@ def test_each_step_moves_only_the_model_whose_loss_it_computed(lora):
                 p.grad = torch.zeros_like(p)
         optimizer.active_model = owner
         model(task, make(docs, 0))["loss"].backward()
+        # The forward pass must route through the owner's adapter and tables only.
+        with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        mine, other = (collab, content) if owner == "collab" else (content, collab)
+        assert {n for n in mine if "lora_B" in n or "_item" in n} <= with_grad, f"{task}: owner got no gradient"
+        assert not with_grad & other, f"{task}: gradient reached the other model: {sorted(with_grad & other)[:3]}"
         optimizer.step()
         moved = _changed(before, model, names)
         assert moved, f"{task} step moved nothing"

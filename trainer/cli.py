@@ -127,6 +127,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # bitsandbytes (imported by peft) warns about an optional CPU kernel package it lacks; the
+    # 4-bit path is not used unless asked for.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     args = parser().parse_args(argv)
     args.func(args)
 

@@ -159,5 +159,18 @@ def _validate(cfg: Config) -> None:
         raise ValueError(f"finetune.holdout_fraction must be in (0, 1), got {cfg.finetune.holdout_fraction}")
     if cfg.lora.r < 0:
         raise ValueError(f"lora.r must be >= 0 (0 = paper mode), got {cfg.lora.r}")
+    for name, value in (("pretrain.collab_batch_size", cfg.pretrain.collab_batch_size),
+                        ("pretrain.content_batch_size", cfg.pretrain.content_batch_size),
+                        ("finetune.batch_size", cfg.finetune.batch_size),
+                        ("finetune.content_batch_size", cfg.finetune.content_batch_size),
+                        ("finetune.epochs", cfg.finetune.epochs), ("evaluate.batch_size", cfg.evaluate.batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if cfg.finetune.select_metric not in ("recall@20", "recall@40", "ndcg@100"):
+        raise ValueError(f"finetune.select_metric must be recall@20, recall@40 or ndcg@100, "
+                         f"got {cfg.finetune.select_metric!r}")
+    unknown_splits = set(cfg.evaluate.splits) - {"val", "test"}
+    if unknown_splits:
+        raise ValueError(f"evaluate.splits: unknown split(s) {sorted(unknown_splits)}; use val and/or test")
     if cfg.model.attn_implementation not in ("auto", "sdpa", "eager", "flash_attention_2"):
         raise ValueError(f"model.attn_implementation: unknown value {cfg.model.attn_implementation!r}")
