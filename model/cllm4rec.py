@@ -32,6 +32,10 @@ from model.lora import activate_adapter
 TASKS = ("collab", "content", "rec", "score")
 
 
+def chunks_needed(positions: int, chunk: int) -> int:
+    return max(1, -(-positions // chunk))
+
+
 class IDTable(nn.Module):
     """Embedding rows for users or items; also scores hidden states against all rows (tied head)."""
 
@@ -99,20 +103,23 @@ class CLLM4Rec(nn.Module):
 
     # ----- losses --------------------------------------------------------------------------------
     def mutual_regularization(self, batch: dict, model: str) -> torch.Tensor:
-        """sum over the documents' distinct IDs of lambda_c/2 ||z^model - sg(z^other)||^2 (+ prior)."""
+        """sum over the documents' distinct IDs of lambda_c/2 ||z^model - sg(z^other)||^2 (+ prior).
+
+        Padding ids (-1) are looked up as row 0 and masked out rather than skipped: under
+        ZeRO-3 every lookup gathers the table, so every rank must make the same calls whatever
+        its batch holds.
+        """
         other = "content" if model == "collab" else "collab"
         total = torch.zeros((), dtype=torch.float32, device=batch["input_ids"].device)
         for kind, ids in (("user", batch["reg_users"]), ("item", batch["reg_items"])):
-            valid = ids >= 0
-            if not bool(valid.any()):
-                continue
-            flat = ids[valid]
-            mine = self.tables[f"{model}_{kind}"](flat).float()
+            valid = (ids >= 0).float()
+            safe = ids.clamp(min=0)
+            mine = self.tables[f"{model}_{kind}"](safe).float()
             with torch.no_grad():
-                theirs = self.tables[f"{other}_{kind}"](flat).float()
-            total = total + self.loss_cfg.lambda_c / 2 * (mine - theirs).pow(2).sum()
+                theirs = self.tables[f"{other}_{kind}"](safe).float()
+            total = total + self.loss_cfg.lambda_c / 2 * ((mine - theirs).pow(2).sum(-1) * valid).sum()
             if model == "collab" and self.loss_cfg.lambda_l > 0:
-                total = total + self.loss_cfg.lambda_l / 2 * mine.pow(2).sum()
+                total = total + self.loss_cfg.lambda_l / 2 * (mine.pow(2).sum(-1) * valid).sum()
         return total
 
     def _main_positions(self, hidden: torch.Tensor, targets: torch.Tensor):
@@ -125,14 +132,23 @@ class CLLM4Rec(nn.Module):
         logits = self.tables["collab_item"](hidden=h).float()
         return F.cross_entropy(logits, t, reduction="sum")
 
-    def content_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Vocabulary-head LM loss over main-text positions, chunked so only one chunk of
-        full-vocabulary logits exists at a time in the forward pass."""
+    def content_nll(self, hidden: torch.Tensor, targets: torch.Tensor, num_chunks: int | None = None) -> torch.Tensor:
+        """Vocabulary-head LM loss over main-text positions, in chunks of `vocab_chunk` positions
+        so that only one chunk of full-vocabulary logits exists at a time in the forward pass.
+
+        Under ZeRO-3 each call of the head gathers its weight, so all ranks must make the same
+        number of calls: a distributed caller passes `num_chunks`, the largest count over ranks
+        (extra chunks are empty).
+        """
         h, t = self._main_positions(hidden, targets)
+        chunk = self.loss_cfg.vocab_chunk
+        if num_chunks is None:
+            num_chunks = chunks_needed(len(t), chunk)
         head = self._hf().get_output_embeddings()
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for h_chunk, t_chunk in zip(h.split(self.loss_cfg.vocab_chunk), t.split(self.loss_cfg.vocab_chunk)):
-            total = total + F.cross_entropy(head(h_chunk).float(), t_chunk, reduction="sum")
+        for k in range(num_chunks):
+            h_k, t_k = h[k * chunk:(k + 1) * chunk], t[k * chunk:(k + 1) * chunk]
+            total = total + F.cross_entropy(head(h_k).float(), t_k, reduction="sum")
         return total
 
     def last_prompt_hidden(self, batch: dict, model: str) -> torch.Tensor:
@@ -151,7 +167,7 @@ class CLLM4Rec(nn.Module):
             nll = self.collab_nll(self.hidden_states(batch, "collab"), batch["targets"])
             reg = self.mutual_regularization(batch, "collab")
         elif task == "content":
-            nll = self.content_nll(self.hidden_states(batch, "content"), batch["targets"])
+            nll = self.content_nll(self.hidden_states(batch, "content"), batch["targets"], batch.get("vocab_chunks"))
             reg = self.mutual_regularization(batch, "content")
         elif task == "rec":
             logits = self.item_scores(batch)

@@ -1,6 +1,7 @@
 """Small builders shared by tests: a tiny random LLaMA with a trained tokenizer, and toy data."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -45,3 +46,11 @@ def write_tiny_checkpoint(out: Path) -> Path:
     from trainer.backbone import write_tiny_llama
 
     return write_tiny_llama(str(out), tiny_tokenizer())
+
+
+def launcher_env(**extra) -> dict:
+    """This process's environment for a launcher subprocess, without the process-group
+    settings that an in-process DeepSpeed test may have put there (its port is taken)."""
+    inherited = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in inherited}
+    return env | {"DS_ACCELERATOR": "cpu", **extra}

@@ -5,7 +5,6 @@ on its outputs.
 """
 import json
 import math
-import os
 import subprocess
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from tests.conftest import REPO
+from tests.helpers import launcher_env
 
 pytestmark = pytest.mark.slow
 
@@ -49,9 +49,7 @@ def _independent_metrics(recs: dict, heldout: sp.csr_matrix) -> dict:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, mini_dir):
     tmp = tmp_path_factory.mktemp("e2e")
-    # A DeepSpeed test earlier in this process may have claimed these for its in-process group.
-    inherited = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in inherited} | {"NPROC": "2"}
+    env = launcher_env(NPROC="2")
     subprocess.run(["cllm4rec", "build-shards", "--input", str(mini_dir), "--output", str(tmp / "shards")],
                    check=True, env=env, capture_output=True)
     subprocess.run(["cllm4rec", "make-tiny-model", "--output", str(tmp / "tiny")], check=True, env=env,

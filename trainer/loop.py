@@ -44,6 +44,15 @@ def _global_mean(values: list[float]) -> list[float]:
     return (tensor / dist.get_world_size()).tolist()
 
 
+def agree_on_vocab_chunks(batch: dict, chunk: int) -> int:
+    """The largest number of vocabulary-head chunks any rank needs for this step."""
+    from model.cllm4rec import chunks_needed
+
+    needed = torch.tensor(chunks_needed(int((batch["targets"] >= 0).sum()), chunk))
+    dist.all_reduce(needed, op=dist.ReduceOp.MAX)
+    return int(needed)
+
+
 def train_epoch(engine, optimizer: AlternatingAdamW, reader, make_batch, task: str, model_name: str,
                 epoch: int, label: str, log: TrainLog, max_steps: int = 0) -> float:
     """One pass over `reader`'s epoch; only `model_name`'s parameters are updated.
@@ -59,6 +68,8 @@ def train_epoch(engine, optimizer: AlternatingAdamW, reader, make_batch, task: s
             break
         start = time.perf_counter()
         batch = make_batch(docs, epoch)
+        if task == "content":
+            batch["vocab_chunks"] = agree_on_vocab_chunks(batch, engine.module.loss_cfg.vocab_chunk)
         optimizer.active_model = model_name
         out = engine(task, batch)
         engine.backward(out["loss"])

@@ -1,0 +1,47 @@
+"""Run by tests/test_distributed.py under `deepspeed --num_gpus 2`: ranks get batches of
+different shapes and contents (one rank only user-less item texts, the other long reviews)
+and must still make the same ZeRO-3 collectives, or this script hangs."""
+import sys
+
+import torch.distributed as dist
+
+from trainer.batching import Collator
+from trainer.config import load_config
+from trainer.engine import build_engine, build_model, init_distributed, load_ds_config
+from trainer.loop import TrainLog, train_epoch
+from trainer.optim import AlternatingAdamW, param_groups
+
+
+class FixedReader:
+    def __init__(self, batches):
+        self.batches = batches
+        self.steps_per_epoch = len(batches)
+
+    def epoch(self, epoch, start_step=0):
+        yield from self.batches
+
+
+base_dir, shards, out = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+rank, world = init_distributed()
+cfg = load_config("configs/quickstart.yaml", [f"model.base_dir={base_dir}", f"data.shards={shards}",
+                                              "loss.vocab_chunk=4"])
+ds_config = load_ds_config(cfg.run.deepspeed, 4)
+model, tok = build_model(cfg, ds_config, 40, 30)
+optimizer = AlternatingAdamW(param_groups(model, 0.0), lr=0.01)
+engine = build_engine(model, ds_config, optimizer)
+col = Collator(tok, 0, 64, 50)
+if rank == 0:
+    content = [{"kind": "review", "user": u, "item": u, "text": "great shampoo smells nice " * 5, "pos": u}
+               for u in range(3)]
+    collab = [{"user": 0, "items": list(range(20)), "pos": 0}]
+else:
+    content = [{"kind": "title", "user": None, "item": 7, "text": "wash", "pos": 9}]
+    collab = [{"user": 5, "items": [1], "pos": 1}, {"user": 6, "items": [2, 3], "pos": 2}]
+log = TrainLog(f"{out}/log.jsonl", rank, log_every=1)
+for task, docs, make in (("content", content, col.content), ("collab", collab, col.collab),
+                         ("rec", collab, col.rec)):
+    owner = "content" if task == "content" else "collab"
+    train_epoch(engine, optimizer, FixedReader([docs, docs]), make, task, owner, 0, task, log)
+dist.barrier()
+if rank == 0:
+    print("UNEVEN BATCHES OK")
