@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/amazon_beauty_cllm4rec/mini}
+TOKENIZERS=${TOKENIZERS:-../shared/tokenizers}
 if [ -d "$DATA" ]; then
   echo "quickstart data: the real Amazon Beauty mini split ($DATA)"
 else
@@ -15,7 +16,9 @@ else
 fi
 SHARDS=runs/shards-$(basename "$DATA")
 [ -f "$SHARDS/index.json" ] || cllm4rec build-shards --input "$DATA" --output "$SHARDS" --overwrite
-[ -f runs/tiny-llama/config.json ] || cllm4rec make-tiny-model --output runs/tiny-llama --data "$DATA"
+# A real Llama-2 tokenizer when TOKENIZERS has one, else a BPE trained on the data's own text.
+[ -f runs/tiny-llama/config.json ] || cllm4rec make-tiny-model --output runs/tiny-llama --data "$DATA" \
+  --tokenizers-dir "$TOKENIZERS"
 
 ARGS=(model.base_dir=runs/tiny-llama data.shards="$SHARDS" "$@")
 launch/pretrain.sh configs/quickstart.yaml "${ARGS[@]}"

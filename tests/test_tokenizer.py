@@ -59,3 +59,19 @@ def test_bos_and_padding(trained):
 def test_padded_vocabulary_moves_the_id_range(trained):
     tok = IDTokenizer(trained.base, 5, 20, vocab_size=len(trained.base) + 12)
     assert tok.encode("user_0", with_bos=False) == [len(trained.base) + 12]
+
+
+def test_tiny_model_without_shared_tokenizers_trains_one_on_the_data(tmp_path):
+    """The quick start's path on a machine without the shared folder."""
+    from data_shards.synthetic import write_synthetic_cllm4rec
+    from trainer.backbone import load_backbone, load_tokenizer
+    from trainer.cli import main
+
+    data = write_synthetic_cllm4rec(tmp_path / "data", num_users=30, num_items=20)
+    main(["make-tiny-model", "--output", str(tmp_path / "tiny"), "--data", str(data),
+          "--tokenizers-dir", str(tmp_path / "absent"), "--vocab-size", "500"])
+    tok = load_tokenizer(str(tmp_path / "tiny"))
+    model, attention = load_backbone(str(tmp_path / "tiny"))
+    assert len(tok) <= 500 and model.config.vocab_size == len(tok)
+    assert attention == "sdpa"
+    assert not any(p.requires_grad for p in model.parameters())

@@ -35,7 +35,7 @@ class DataSection:
     shards: str = ""  # output folder of `cllm4rec build-shards`
     max_text_tokens: int = 256  # content main texts are cut to this many tokens
     max_items: int = 100  # a collab document / rec prompt lists at most this many items (a random subset)
-    shuffle_buffer: int = 1000  # documents in the reader's shuffle buffer
+    shuffle_buffer: int = 10000  # documents in the reader's shuffle buffer (raw JSON, a few MB)
 
 
 @dataclass

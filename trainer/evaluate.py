@@ -100,7 +100,7 @@ def main(cfg: Config) -> dict:
         rows = {"CLLM4Rec": metrics}
         if cfg.evaluate.baselines:
             val, test = load_split(cfg.data.shards, "val"), load_split(cfg.data.shards, "test")
-            base = run_baselines(train, val, test, log=lambda *a: None)
+            base = run_baselines(train, val, test, log=log.info)
             rows = {"popularity": base["popularity"], f"EASE (lambda={base['ease']['lambda']})": base["ease"], **rows}
         for split in cfg.evaluate.splits:
             print(f"{split}:\n" + format_table({name: result[split] for name, result in rows.items()}))
