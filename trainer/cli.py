@@ -23,7 +23,11 @@ SHARED_TOKENIZERS = Path(__file__).resolve().parents[1].parent / "shared" / "tok
 
 
 def _recipe(name: str, args) -> None:
-    cfg = load_config(args.config, args.overrides)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (KeyError, TypeError, ValueError, FileNotFoundError) as error:
+        message = error.args[0] if isinstance(error, KeyError) else str(error)  # KeyError's str() adds quotes
+        raise SystemExit(f"cllm4rec {name}: {message}") from None
     if name == "pretrain":
         from trainer.pretrain import main
     elif name == "finetune":

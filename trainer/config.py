@@ -134,6 +134,8 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML file, then `a.b=value` overrides (values parsed as YAML)."""
     cfg = Config()
     if path:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"config file {path} not found (see configs/ for examples)")
         text = Path(path).read_text()
         _apply(cfg, yaml.safe_load(text) or {}, str(path))
     for item in overrides:
