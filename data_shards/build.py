@@ -42,7 +42,7 @@ INDEX_NAME = "index.json"
 _OWNED = (*STREAMS, "splits", INDEX_NAME)
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -83,7 +83,7 @@ def _write_stream(out_dir: Path, stream: str, docs: Iterable[dict], total: int, 
         writer.close()
         writer = None
         shards.append({"path": path.relative_to(out_dir).as_posix(), "num_docs": count,
-                       "bytes": path.stat().st_size, "sha256": _sha256(path)})
+                       "bytes": path.stat().st_size, "sha256": sha256_of(path)})
 
     for doc in tqdm(docs, total=total, desc=f"shards {stream}", unit="doc", disable=None):
         if writer is None or count >= docs_per_shard:

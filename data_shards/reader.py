@@ -16,18 +16,14 @@ rank layout.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import scipy.sparse as sp
 
-FORMAT_VERSION = 1
-INDEX_NAME = "index.json"
-SPLIT_NAMES = ("train", "val", "test")
+from .build import FORMAT_VERSION, INDEX_NAME, SPLIT_NAMES, sha256_of
 _REBUILD = "rebuild the shards with `cllm4rec build-shards` (with --overwrite)"
 
 
@@ -161,11 +157,7 @@ class ShardReader:
         self.check_files()
         for s in self.shards:
             p = self.shard_path(s)
-            h = hashlib.sha256()
-            with open(p, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            if h.hexdigest() != s["sha256"]:
+            if sha256_of(p) != s["sha256"]:
                 raise ShardError(f"shard {p}: sha256 differs from index.json (corrupted or replaced); {_REBUILD}")
 
     # ------------------------------------------------------------------ reading

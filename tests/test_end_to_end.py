@@ -6,7 +6,6 @@ on its outputs.
 import json
 import math
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
