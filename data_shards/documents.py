@@ -1,4 +1,4 @@
-"""The method's document templates (docs/method.md §2, §5) and per-use randomness.
+"""The method's document templates (README, "The method") and per-use randomness.
 
 Model-agnostic: everything here is plain strings and integer ids; tokenization is the
 model's business. ``user_<u>`` / ``item_<i>`` are the atomic ID tokens of the method.
@@ -34,9 +34,6 @@ def collab_prompt(user: int) -> str:
     return f"user_{int(user)} has interacted with"
 
 
-# The name used by the spec; same function.
-COLLAB_PROMPT = collab_prompt
-
 
 def item_sequence(items: Iterable[int]) -> str:
     """``"item_a item_b ..."``: single spaces, no leading or trailing space ("" for no items)."""
@@ -44,7 +41,7 @@ def item_sequence(items: Iterable[int]) -> str:
 
 
 def content_prompt(kind: str, user: int | None, item: int | None) -> str:
-    """Prompt of a content document of the given kind (see the table in method.md §2)."""
+    """Prompt of a content document of the given kind (see README, "The method")."""
     try:
         template = _CONTENT_PROMPTS[kind]
     except KeyError:
@@ -62,7 +59,7 @@ def content_text(text: str) -> str:
 
 
 def rec_prompt(user: int, history: Sequence[int]) -> str:
-    """Recommendation prompt (method.md §5/§6).
+    """Recommendation prompt (finetuning and evaluation).
 
     ``"user_{u} has interacted with item_a item_b, user_{u} will interact with"``; with an empty
     history ``"user_{u} has interacted with, user_{u} will interact with"``.

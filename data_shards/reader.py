@@ -112,13 +112,11 @@ class ShardReader:
         self.global_batch_size = self.batch_size * self.world_size
         full, rest = divmod(self.num_docs, self.global_batch_size)
         self.steps_per_epoch: int = full + (1 if rest // self.world_size > 0 else 0)
-        # Resume state. Today ``epoch(e, start_step)`` replays: it reads and discards the first
+        # Resuming: today ``epoch(e, start_step)`` replays, reading and discarding the first
         # start_step * G positions. A replay-free resume needs, at that point: the shard
         # permutation (recomputable from (seed, epoch)), the index of the current shard and the
         # sample offset inside it, the shuffle buffer's contents (or the positions they came
-        # from), and the state of the buffer's Generator. ``last_step`` is the last step yielded.
-        self.last_epoch: int | None = None
-        self.last_step: int | None = None
+        # from), and the state of the buffer's Generator.
 
     # ------------------------------------------------------------------ layout
 
@@ -236,7 +234,6 @@ class ShardReader:
                 doc["pos"] = pos
                 batch.append(doc)
             if pos == hi - 1:
-                self.last_epoch, self.last_step = epoch, step
                 yield batch
                 batch = []
                 step += 1

@@ -1,4 +1,4 @@
-"""Popularity and EASE on the real Beauty split against method.md section 8.
+"""Popularity and EASE on the real Beauty split against the published reference numbers.
 
 Popularity scores (and EASE's zero scores on mini) are full of ties, and the reference
 numbers come from an unknown tie order. Our ranking breaks ties towards the lower item id,

@@ -1,9 +1,9 @@
-"""Templates and per-use randomness of data_shards.documents (method.md §2, §5)."""
+"""Templates and per-use randomness of data_shards.documents."""
 import numpy as np
 import pytest
 
 from data_shards.documents import (
-    COLLAB_PROMPT,
+    collab_prompt,
     content_prompt,
     content_text,
     doc_rng,
@@ -15,8 +15,8 @@ from data_shards.documents import (
 
 
 def test_collab_templates():
-    assert COLLAB_PROMPT(7) == "user_7 has interacted with"
-    assert COLLAB_PROMPT(np.int64(7)) == "user_7 has interacted with"
+    assert collab_prompt(7) == "user_7 has interacted with"
+    assert collab_prompt(np.int64(7)) == "user_7 has interacted with"
     assert item_sequence([3, 10, 2]) == "item_3 item_10 item_2"
     assert item_sequence(np.array([5])) == "item_5"
     assert item_sequence([]) == ""

@@ -1,4 +1,4 @@
-"""Popularity and EASE baselines under the evaluation protocol of method.md section 6.
+"""Popularity and EASE baselines under the evaluation protocol in README, "The method".
 
 Both validation and test rank items from the train history only, with only the train items
 excluded, so one top-k list per user serves both splits.

@@ -3,7 +3,7 @@
 Each document becomes one sequence: prompt tokens, then main-text tokens. `targets[t]` is
 what position t must predict (the next token) when t+1 is a main-text token, and -1
 elsewhere: the loss is on the main text only, and the prompt's last position predicts the
-first main token (method.md §2). For collab documents targets are item indices, for content
+first main token (as in the paper). For collab documents targets are item indices, for content
 documents vocabulary ids.
 
 All randomness (item order, hold-out) comes from `doc_rng(seed, epoch, pos)`, so a document

@@ -1,4 +1,4 @@
-"""Evaluation recipe (method.md §6): one forward pass per user, full ranking over all items.
+"""Evaluation recipe: one forward pass per user, full ranking over all items.
 
     setup:  process group, shards, model with the saved ID tables + adapters, DeepSpeed engine
     rank:   prompt = all train items (order fixed by the seed) + `, user_i will interact with`;

@@ -1,4 +1,4 @@
-"""Recommendation-oriented finetuning recipe (method.md §5), with model selection on validation.
+"""Recommendation-oriented finetuning recipe, with model selection on validation.
 
     setup:  process group, shards, model initialised from the pretrain output, DeepSpeed engine
     train:  per epoch, rec steps on the collaborative model (prompt: a user's train items with a

@@ -1,4 +1,4 @@
-"""Pretraining recipe (method.md §4): collaborative + content LLMs with mutual regularization.
+"""Pretraining recipe: collaborative + content LLMs with mutual regularization.
 
     setup:  process group, shards, tokenizer + frozen base + ID tables (+ LoRA), DeepSpeed engine
     train:  content-only warm-up epochs, then rounds of one collaborative epoch (L-step:
