@@ -13,7 +13,7 @@ if [ -z "${NPROC:-}" ]; then
   if [ "${DS_ACCELERATOR:-}" = cpu ]; then NPROC=2; else NPROC=$(nvidia-smi -L | wc -l); fi
 fi
 if [ -z "${MASTER_PORT:-}" ]; then
-  MASTER_PORT=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  MASTER_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
 export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore::FutureWarning}

@@ -7,6 +7,7 @@ from data_shards.build import main_build
 from data_shards.synthetic import write_synthetic_cllm4rec
 from tests.conftest import REPO
 from tests.helpers import launcher_env, write_tiny_checkpoint
+from trainer.engine import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -15,7 +16,7 @@ def test_ranks_with_different_batches_make_the_same_collectives(tmp_path):
     data = write_synthetic_cllm4rec(tmp_path / "data", num_users=40, num_items=30, seed=1)
     main_build(data, tmp_path / "shards")
     base = write_tiny_checkpoint(tmp_path / "tiny")
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", "29561",
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            "tests/distributed/uneven_batches.py", str(base), str(tmp_path / "shards"), str(tmp_path)]
     try:
         done = subprocess.run(cmd, cwd=REPO, env=launcher_env(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=240)
