@@ -69,7 +69,7 @@ class Collator:
         return {**batch, **self._reg([d["user"] for d in docs], items)}
 
     def _prompt_batch(self, users: list[int], histories: list[list[int]]) -> dict:
-        enc = self.tok(([rec_prompt(u, h) for u, h in zip(users, histories)]))
+        enc = self.tok([rec_prompt(u, h) for u, h in zip(users, histories)])
         return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "last_index": enc.lengths - 1}
 
     def rec(self, docs: list[dict], epoch: int) -> dict:

@@ -59,6 +59,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def stream_reader(cfg: Config, stream: str, batch_size: int):
+    """This rank's reader of one shard stream, seeded and buffered as the config says."""
+    from data_shards.reader import ShardReader
+
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return ShardReader(cfg.data.shards, stream, batch_size, rank, world, cfg.run.seed, cfg.data.shuffle_buffer)
+
+
 def load_ds_config(path: str, micro_batch: int) -> dict:
     config_path = Path(path)
     if not config_path.is_file():

@@ -60,10 +60,6 @@ def rank_users(engine, collator: Collator, train_csr, batch_size: int, k: int = 
     return np.concatenate(gathered)
 
 
-def split_metrics(topk: np.ndarray, shard_dir: str, splits: list[str]) -> dict:
-    return {split: evaluate_topk(topk, load_split(shard_dir, split)) for split in splits}
-
-
 def write_recommendations(topk: np.ndarray, path: Path) -> None:
     with open(path, "w") as f:
         for user, items in enumerate(topk):
@@ -83,12 +79,13 @@ def main(cfg: Config) -> dict:
     load_model_state(model, checkpoint)
     engine = build_engine(model, ds_config)
     collator = Collator(tokenizer, cfg.run.seed, cfg.data.max_text_tokens, cfg.data.max_items)
-    train = load_split(cfg.data.shards, "train")
+    splits = {name: load_split(cfg.data.shards, name) for name in ("train", "val", "test")}
+    train = splits["train"]
     log.info("evaluating %s on %d users x %d items, %d rank(s)", checkpoint, train.shape[0], train.shape[1], world)
 
     # ----- rank -----
     topk = rank_users(engine, collator, train, cfg.evaluate.batch_size)
-    metrics = split_metrics(topk, cfg.data.shards, cfg.evaluate.splits)
+    metrics = {name: evaluate_topk(topk, splits[name]) for name in cfg.evaluate.splits}
 
     # ----- save -----
     report_resources(run_dir / "evaluate", "evaluate", started)
@@ -99,8 +96,7 @@ def main(cfg: Config) -> dict:
             write_recommendations(topk, run_dir / "recommendations.jsonl")
         rows = {"CLLM4Rec": metrics}
         if cfg.evaluate.baselines:
-            val, test = load_split(cfg.data.shards, "val"), load_split(cfg.data.shards, "test")
-            base = run_baselines(train, val, test, log=log.info)
+            base = run_baselines(train, splits["val"], splits["test"], log=log.info)
             rows = {"popularity": base["popularity"], f"EASE (lambda={base['ease']['lambda']})": base["ease"], **rows}
         for split in cfg.evaluate.splits:
             print(f"{split}:\n" + format_table({name: result[split] for name, result in rows.items()}))

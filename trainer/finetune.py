@@ -14,12 +14,13 @@ import logging
 import time
 from pathlib import Path
 
-from data_shards.reader import ShardReader, load_index, load_split
+from data_shards.reader import load_index, load_split
 from trainer.batching import Collator
 from trainer.config import Config
 from trainer.engine import (build_engine, build_model, init_distributed, load_ds_config, report_resources,
-                            seed_everything)
-from trainer.evaluate import rank_users, split_metrics
+                            seed_everything, stream_reader)
+from trainer.evaluate import rank_users
+from trainer.metrics import evaluate_topk
 from trainer.loop import TrainLog, train_epoch
 from trainer.model_state import load_model_state, save_model_state
 from trainer.optim import AlternatingAdamW, param_groups
@@ -44,10 +45,9 @@ def main(cfg: Config) -> Path:
     engine = build_engine(model, ds_config, optimizer)
     collator = Collator(tokenizer, cfg.run.seed, cfg.data.max_text_tokens, cfg.data.max_items,
                         f.holdout_fraction, f.target)
-    rec_reader = ShardReader(cfg.data.shards, "rec", f.batch_size, rank, world, cfg.run.seed, cfg.data.shuffle_buffer)
-    content_reader = ShardReader(cfg.data.shards, "content", f.content_batch_size, rank, world, cfg.run.seed,
-                                 cfg.data.shuffle_buffer)
-    train = load_split(cfg.data.shards, "train")
+    rec_reader = stream_reader(cfg, "rec", f.batch_size)
+    content_reader = stream_reader(cfg, "content", f.content_batch_size)
+    train, val_items = load_split(cfg.data.shards, "train"), load_split(cfg.data.shards, "val")
     if rank == 0:
         cfg.dump(out_dir / "config.json")
     log.info("finetune on %d rank(s): %d users, %d epochs, target=%s", world, rec_reader.num_docs, f.epochs, f.target)
@@ -61,8 +61,7 @@ def main(cfg: Config) -> Path:
         if f.content_epochs:
             train_epoch(engine, optimizer, content_reader, collator.content, "content", "content", epoch,
                         f"finetune {epoch + 1} content", train_log, f.max_steps_per_epoch)
-        val = split_metrics(rank_users(engine, collator, train, cfg.evaluate.batch_size), cfg.data.shards,
-                            ["val"])["val"]
+        val = evaluate_topk(rank_users(engine, collator, train, cfg.evaluate.batch_size), val_items)
         history.append({"epoch": epoch, **val})
         improved = best is None or val[f.select_metric] > best[f.select_metric]
         log.info("finetune epoch %d: val %s%s", epoch,

@@ -13,11 +13,11 @@ import logging
 import time
 from pathlib import Path
 
-from data_shards.reader import ShardReader, load_index
+from data_shards.reader import load_index
 from trainer.batching import Collator
 from trainer.config import Config
 from trainer.engine import (build_engine, build_model, init_distributed, load_ds_config, report_resources,
-                            seed_everything)
+                            seed_everything, stream_reader)
 from trainer.loop import TrainLog, train_epoch
 from trainer.model_state import save_model_state
 from trainer.optim import AlternatingAdamW, param_groups
@@ -43,12 +43,8 @@ def main(cfg: Config) -> Path:
     optimizer = AlternatingAdamW(param_groups(model, p.weight_decay), lr=p.lr)
     engine = build_engine(model, ds_config, optimizer)
     collator = Collator(tokenizer, cfg.run.seed, cfg.data.max_text_tokens, cfg.data.max_items)
-    readers = {
-        "collab": ShardReader(cfg.data.shards, "collab", p.collab_batch_size, rank, world, cfg.run.seed,
-                              cfg.data.shuffle_buffer),
-        "content": ShardReader(cfg.data.shards, "content", p.content_batch_size, rank, world, cfg.run.seed,
-                               cfg.data.shuffle_buffer),
-    }
+    readers = {"collab": stream_reader(cfg, "collab", p.collab_batch_size),
+               "content": stream_reader(cfg, "content", p.content_batch_size)}
     batchers = {"collab": collator.collab, "content": collator.content}
     if rank == 0:
         cfg.dump(out_dir / "config.json")
