@@ -2,7 +2,8 @@
 
 Layout of ``out_dir``::
 
-    index.json                       format_version 1: counts, shard list (size, sha256), text sources
+    index.json                       format_version 1: counts, shard list (size, sha256), text sources,
+                                     the ID vocabulary the documents use (tokenization)
     splits/{train,val,test}.npz      scipy.sparse CSR (save_npz), for evaluation and masking
     collab/collab-00000.tar ...      one sample per user with >= 1 train item
     rec/rec-00000.tar ...            one sample per user with >= 1 train item (hold-out drawn at read time)
@@ -39,7 +40,7 @@ STREAMS = ("collab", "rec", "content")
 SPLIT_NAMES = ("train", "val", "test")
 INDEX_NAME = "index.json"
 # What build_shards writes into out_dir (and what overwrite=True removes).
-_OWNED = (*STREAMS, "splits", INDEX_NAME)
+_OWNED = (*STREAMS, "splits", "id_maps", INDEX_NAME)
 
 
 def sha256_of(path: Path) -> str:
@@ -48,6 +49,16 @@ def sha256_of(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def id_vocabulary(num_users: int, num_items: int) -> dict:
+    """What of tokenization the shards fix: no token ids (documents are ids + raw text, tokenized
+    by the model's tokenizer when batches are built), only the ID words and how many there are.
+    The fingerprint changes exactly when a model's ID tables would have to change."""
+    vocabulary = {"token_ids": "none (text; tokenized at training time)", "user_words": "user_<u>",
+                  "item_words": "item_<i>", "num_users": num_users, "num_items": num_items}
+    fingerprint = hashlib.sha256(json.dumps(vocabulary, sort_keys=True).encode()).hexdigest()
+    return {**vocabulary, "fingerprint": fingerprint}
 
 
 def _user_docs(train: sp.csr_matrix) -> Iterator[dict]:
@@ -139,12 +150,13 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
 
 
 def build_shards(dataset: RawDataset, out_dir, docs_per_shard: int = 2000, overwrite: bool = False,
-                 source: dict | None = None) -> dict:
+                 source: dict | None = None, extra: dict | None = None) -> dict:
     """Write ``dataset`` as shards under ``out_dir`` (layout in the module docstring); return the index.
 
     Order is deterministic: collab/rec docs by user ascending, content docs in load order.
     Refuses a non-empty ``out_dir`` unless ``overwrite=True``. ``index.json`` is written last
-    (atomically), so a folder without it is an unfinished build.
+    (atomically), so a folder without it is an unfinished build. ``extra`` keys (e.g. a
+    preprocessing report) are merged into index.json; they may not replace the keys above.
     """
     if int(docs_per_shard) < 1:
         raise ValueError(f"docs_per_shard must be >= 1, got {docs_per_shard}")
@@ -172,11 +184,17 @@ def build_shards(dataset: RawDataset, out_dir, docs_per_shard: int = 2000, overw
         "format_version": FORMAT_VERSION,
         "num_users": int(dataset.num_users),
         "num_items": int(dataset.num_items),
+        "num_interactions": sum(splits.values()),
         "splits": splits,
         "streams": streams,
         "text_sources": dataset.text_sources,
         "source": source or {},
+        "tokenization": id_vocabulary(int(dataset.num_users), int(dataset.num_items)),
     }
+    clash = sorted(set(extra or {}) & set(index))
+    if clash:
+        raise ValueError(f"extra index keys {clash} would replace keys build_shards writes")
+    index.update(extra or {})
     tmp = out_dir / (INDEX_NAME + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(index, f, indent=1, ensure_ascii=False)

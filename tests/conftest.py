@@ -37,3 +37,8 @@ def derived_dir() -> Path:
 @pytest.fixture(scope="session")
 def tokenizers_dir() -> Path:
     return _require(TOKENIZERS)
+
+
+@pytest.fixture(scope="session")
+def amazon_raw_dir() -> Path:
+    return _require(SHARED / "data" / "amazon_raw")

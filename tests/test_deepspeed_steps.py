@@ -40,7 +40,7 @@ def test_zero3_steps_move_only_the_active_model_and_never_the_base(tmp_path, lor
     engine = build_engine(model, ds_config, optimizer)
     col = Collator(tok, 0, 32, 50)
     readers = {s: ShardReader(shards, s, 8, 0, 1, 0) for s in ("collab", "content", "rec")}
-    log = TrainLog(tmp_path / "log.jsonl", rank=0, log_every=100)
+    log = TrainLog(tmp_path, rank=0, log_every=100)
 
     names = set(_all_params(engine.module))
     trainable = {n for n, p in engine.module.named_parameters() if p.requires_grad}

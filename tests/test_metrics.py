@@ -121,3 +121,11 @@ def test_rank_all_users_blocks_equal_one_block():
     assert small.shape == (n_users, 10)
     for u in range(n_users):
         assert not set(small[u]) & set(train[u].indices.tolist())
+
+
+def test_topk_beyond_the_catalog_pads_with_no_item():
+    scores = torch.tensor([[0.1, 0.9, 0.5], [0.3, 0.2, 0.1]])
+    top = topk_excluding(scores, [np.array([1]), np.array([], dtype=np.int64)], 5)
+    assert top.tolist() == [[2, 0, 1, -1, -1], [0, 1, 2, -1, -1]]
+    assert evaluate_topk(top.numpy(), sp.csr_matrix(np.array([[1, 0, 0], [0, 0, 1]])), ks_recall=(2,),
+                         ks_ndcg=(5,))["recall@2"] == 0.5

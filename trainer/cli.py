@@ -1,10 +1,11 @@
 """The `cllm4rec` command.
 
     cllm4rec build-shards --input DIR [--texts DIR ...] --output DIR
+    cllm4rec prepare --source amazon|table --input FILE [--meta FILE] --output DIR
     cllm4rec make-tiny-model --output DIR [--tokenizer llama2|gpt2|train] [--data DIR]
     cllm4rec synthetic-data --output DIR
     cllm4rec baselines --shards DIR
-    cllm4rec pretrain|finetune|evaluate --config configs/x.yaml [key.sub=value ...]
+    cllm4rec pretrain|finetune|evaluate --config configs/x.yaml [key.sub=value ...] [--resume auto]
 
 The training subcommands are what launch/*.sh start under the `deepspeed` launcher, which
 adds `--local_rank`.
@@ -24,7 +25,8 @@ SHARED_TOKENIZERS = Path(__file__).resolve().parents[1].parent / "shared" / "tok
 
 def _recipe(name: str, args) -> None:
     try:
-        cfg = load_config(args.config, args.overrides)
+        resume = [f"run.resume={args.resume}"] if getattr(args, "resume", None) else []
+        cfg = load_config(args.config, [*args.overrides, *resume])
     except (KeyError, TypeError, ValueError, FileNotFoundError) as error:
         message = error.args[0] if isinstance(error, KeyError) else str(error)  # KeyError's str() adds quotes
         raise SystemExit(f"cllm4rec {name}: {message}") from None
@@ -34,7 +36,12 @@ def _recipe(name: str, args) -> None:
         from trainer.finetune import main
     else:
         from trainer.evaluate import main
-    main(cfg)
+    from data_shards.reader import ShardError
+
+    try:
+        main(cfg)
+    except ShardError as error:  # every rank found the same bad shards: one line each, no traceback
+        raise SystemExit(f"cllm4rec {name}: {error}") from None
 
 
 def _build_shards(args) -> None:
@@ -43,6 +50,29 @@ def _build_shards(args) -> None:
     index = main_build(args.input, args.output, args.texts, args.docs_per_shard, args.overwrite)
     counts = {name: s["num_docs"] for name, s in index["streams"].items()}
     print(f"wrote shards to {args.output}: {index['num_users']} users, {index['num_items']} items, documents {counts}")
+
+
+def _prepare(args) -> None:
+    from data_shards.prepare import PrepareOptions, prepare
+
+    try:
+        split = tuple(float(x) for x in args.split.split(","))
+    except ValueError:
+        raise SystemExit(f"cllm4rec prepare: --split {args.split!r}: expected three fractions train,val,test "
+                         "like 0.8,0.1,0.1") from None
+    options = PrepareOptions(
+        source=args.source, input=args.input, meta=args.meta, item_texts=args.item_texts,
+        user_texts=args.user_texts, reviews=args.reviews, user_col=args.user_col, item_col=args.item_col,
+        rating_col=args.rating_col, time_col=args.time_col, review_col=args.review_col,
+        rating_above=None if args.no_rating_filter else args.rating_above, kcore=args.kcore, split=split,
+        seed=args.seed, bad_lines=args.bad_lines)
+    try:
+        index = prepare(options, args.output, args.docs_per_shard, args.overwrite)
+    except (ValueError, OSError, EOFError, ImportError) as error:  # bad input or output folder: one line
+        raise SystemExit(f"cllm4rec prepare: {error}") from None
+    counts = {name: s["num_docs"] for name, s in index["streams"].items()}
+    print(f"wrote shards to {args.output}: {index['num_users']} users, {index['num_items']} items, "
+          f"{index['num_interactions']} interactions (train/val/test {index['splits']}), documents {counts}")
 
 
 def _make_tiny_model(args) -> None:
@@ -98,6 +128,35 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_build_shards)
 
+    p = sub.add_parser("prepare", help="raw Amazon reviews or an interaction table -> preprocessing -> shards",
+                       description="Read raw data, preprocess it as the CLLM4Rec paper does (rating > 3, dedupe, "
+                       "iterative 5-core, seeded per-user 80/10/10 split) and write shards + index.json + "
+                       "id_maps/ (see data_shards/prepare.py).")
+    p.add_argument("--source", required=True, choices=["amazon", "table"],
+                   help="amazon: a McAuley-lab review file (JSON or Python-literal lines, gzip or plain); "
+                   "table: a CSV/TSV(.gz)/Parquet interaction table")
+    p.add_argument("--input", required=True, help="the review file or interaction table")
+    p.add_argument("--output", required=True, help="shard folder to write (usable as data.shards)")
+    p.add_argument("--meta", help="amazon: meta_<Category>.json(.gz), item title/brand/categories/description")
+    p.add_argument("--item-texts", help="table: item column + any of title, brand, categories, description")
+    p.add_argument("--user-texts", help="table: user column + biography")
+    p.add_argument("--reviews", help="table: user column, item column, review text column (--review-col)")
+    p.add_argument("--user-col", default="user", help="user column of the tables (default: user)")
+    p.add_argument("--item-col", default="item", help="item column of the tables (default: item)")
+    p.add_argument("--rating-col", help="rating column (default: rating, if the table has it)")
+    p.add_argument("--time-col", help="timestamp column, only reported (default: timestamp, if present)")
+    p.add_argument("--review-col", default="review", help="review text column of --reviews (default: review)")
+    p.add_argument("--rating-above", type=float, default=3.0, help="keep interactions rated above this (default 3)")
+    p.add_argument("--no-rating-filter", action="store_true", help="keep every rating")
+    p.add_argument("--kcore", type=int, default=5, help="iterative k-core on users and items; 0: off (default 5)")
+    p.add_argument("--split", default="0.8,0.1,0.1", help="per-user train,val,test fractions (default 0.8,0.1,0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
+    p.add_argument("--bad-lines", default="error", choices=["error", "skip"],
+                   help="malformed records: error (default) or skip, count and report them")
+    p.add_argument("--docs-per-shard", type=int, default=2000)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_prepare)
+
     p = sub.add_parser("make-tiny-model", help="write a tiny random LLaMA checkpoint directory")
     p.add_argument("--output", required=True)
     p.add_argument("--tokenizer", default="auto", choices=["auto", "llama2", "gpt2", "train"],
@@ -125,6 +184,9 @@ def parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"the {name} recipe (run it through launch/{name}.sh)")
         p.add_argument("--config", required=True, help="YAML experiment config (configs/)")
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config")
+        if name != "evaluate":
+            p.add_argument("--resume", help="auto: continue from the stage's newest checkpoint, if any; or a "
+                           "checkpoint folder (same as the override run.resume=...)")
         p.set_defaults(func=lambda args, name=name: _recipe(name, args))
     return ap
 
@@ -134,7 +196,13 @@ def main(argv: list[str] | None = None) -> None:
     # bitsandbytes (imported by peft) warns about an optional CPU kernel package it lacks; the
     # 4-bit path is not used unless asked for.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    args = parser().parse_args(argv)
+    ap = parser()
+    # Overrides may come after --resume too: argparse leaves those to parse_known_args.
+    args, rest = ap.parse_known_args(argv)
+    if rest and hasattr(args, "overrides") and all("=" in r and not r.startswith("-") for r in rest):
+        args.overrides += rest
+    elif rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
     args.func(args)
 
 

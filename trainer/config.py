@@ -35,7 +35,11 @@ class DataSection:
     shards: str = ""  # output folder of `cllm4rec build-shards`
     max_text_tokens: int = 256  # content main texts are cut to this many tokens
     max_items: int = 100  # a collab document / rec prompt lists at most this many items (a random subset)
-    shuffle_buffer: int = 10000  # documents in the reader's shuffle buffer (raw JSON, a few MB)
+    window_shards: int = 8  # the reader shuffles documents within windows of this many shards (after shuffling shards)
+    num_workers: int = 1  # DataLoader worker processes per rank reading and tokenizing batches (0: in the rank)
+    checksums: bool = True  # verify every shard's sha256 at start (ranks split the work); false: sizes + tar headers
+    bad_shards: str = "error"  # error: stop naming every bad shard; skip: train without them, count and report them
+    log_documents: bool = False  # every rank writes the keys of the documents of each step to documents-rank<r>.jsonl
 
 
 @dataclass
@@ -86,6 +90,9 @@ class RunSection:
     seed: int = 0  # seeds data order, item reordering, hold-out masks, init and dropout
     deepspeed: str = "configs/ds_zero3.json"  # DeepSpeed JSON config
     log_every: int = 1  # print a loss line every this many steps (every step goes to train_log.jsonl)
+    save_every_steps: int = 0  # also checkpoint every this many training steps (0: only at epoch ends)
+    keep_checkpoints: int = 2  # newest checkpoints kept per stage
+    resume: str = ""  # "" = start fresh; auto = continue from the stage's newest checkpoint, if any; or a checkpoint folder
 
 
 @dataclass
@@ -174,5 +181,13 @@ def _validate(cfg: Config) -> None:
     unknown_splits = set(cfg.evaluate.splits) - {"val", "test"}
     if unknown_splits:
         raise ValueError(f"evaluate.splits: unknown split(s) {sorted(unknown_splits)}; use val and/or test")
+    if cfg.data.bad_shards not in ("error", "skip"):
+        raise ValueError(f"data.bad_shards must be 'error' or 'skip', got {cfg.data.bad_shards!r}")
+    for name, value in (("data.window_shards", cfg.data.window_shards), ("run.keep_checkpoints", cfg.run.keep_checkpoints)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    for name, value in (("data.num_workers", cfg.data.num_workers), ("run.save_every_steps", cfg.run.save_every_steps)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
     if cfg.model.attn_implementation not in ("auto", "sdpa", "eager", "flash_attention_2"):
         raise ValueError(f"model.attn_implementation: unknown value {cfg.model.attn_implementation!r}")

@@ -30,6 +30,9 @@ def init_distributed() -> tuple[int, int]:
     """Start (or join) the process group; returns (rank, world_size)."""
     import deepspeed
 
+    # Tokenization runs in DataLoader worker processes; the tokenizer's own thread pool would
+    # be forked with them.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if "RANK" not in os.environ:  # a plain `python`/pytest process: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
@@ -60,11 +63,34 @@ def seed_everything(seed: int) -> None:
 
 
 def stream_reader(cfg: Config, stream: str, batch_size: int):
-    """This rank's reader of one shard stream, seeded and buffered as the config says."""
-    from data_shards.reader import ShardReader
+    """This rank's reader of one shard stream, after every shard has been checked.
+
+    The ranks split the checks (rank r checks shards r, r+W, ...) and share what they found,
+    so every rank makes the same decision: stop naming every bad shard (data.bad_shards=error)
+    or leave the bad shards out of the order and report how many (skip).
+    """
+    from data_shards.reader import ShardError, ShardReader
 
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return ShardReader(cfg.data.shards, stream, batch_size, rank, world, cfg.run.seed, cfg.data.shuffle_buffer)
+    reader = ShardReader(cfg.data.shards, stream, batch_size, rank, world, cfg.run.seed, cfg.data.window_shards)
+    mine = reader.problems(cfg.data.checksums, range(rank, len(reader.shards), world))
+    found: list = [None] * world
+    torch.distributed.all_gather_object(found, mine)
+    problems = [p for part in found for p in part]
+    if problems and cfg.data.bad_shards == "error":
+        raise ShardError(f"stream {stream!r}: " + "; ".join(problems) + ". Rebuild the shards (cllm4rec "
+                         "prepare/build-shards --overwrite), or set data.bad_shards=skip to train without them")
+    if problems:
+        bad = [s["path"] for s in reader.shards if any(str(reader.shard_path(s)) in p for p in problems)]
+        log.warning("stream %r: skipping %d bad shard(s) (data.bad_shards=skip): %s", stream, len(bad), problems)
+        reader = ShardReader(cfg.data.shards, stream, batch_size, rank, world, cfg.run.seed, cfg.data.window_shards,
+                             skip_shards=tuple(bad))
+    log.info("stream %r: %d docs in %d shards, %d steps/epoch of %d docs%s%s", stream, reader.num_docs,
+             len(reader.shards), reader.steps_per_epoch, reader.global_batch_size,
+             f"; {reader.unused_per_epoch} doc(s) sit out each epoch (the last global batch does not split evenly "
+             "across the ranks)" if reader.unused_per_epoch else "",
+             f"; {len(reader.skipped)} bad shard(s) skipped" if reader.skipped else "")
+    return reader
 
 
 def load_ds_config(path: str, micro_batch: int) -> dict:
@@ -116,15 +142,17 @@ def build_model(cfg: Config, ds_config: dict, num_users: int, num_items: int) ->
     return model, tokenizer
 
 
-def report_resources(out_dir: Path, stage: str, started: float) -> dict:
-    """Wall time and every rank's peak RSS, logged and written to <out_dir>/resources.json by rank 0."""
+def report_resources(out_dir: Path, stage: str, started: float, skipped_shards: dict | None = None) -> dict:
+    """Wall time, every rank's peak RSS and the shards left out (data.bad_shards=skip), logged and
+    written to <out_dir>/resources.json by rank 0."""
     import resource
     import time
 
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     peaks = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(peaks, round(peak_mb, 1))
-    report = {"stage": stage, "wall_s": round(time.time() - started, 1), "peak_rss_mb_per_rank": peaks}
+    report = {"stage": stage, "wall_s": round(time.time() - started, 1), "peak_rss_mb_per_rank": peaks,
+              "skipped_shards": skipped_shards or {}}
     if torch.distributed.get_rank() == 0:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "resources.json").write_text(json.dumps(report, indent=2))

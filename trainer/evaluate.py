@@ -63,7 +63,7 @@ def rank_users(engine, collator: Collator, train_csr, batch_size: int, k: int = 
 def write_recommendations(topk: np.ndarray, path: Path) -> None:
     with open(path, "w") as f:
         for user, items in enumerate(topk):
-            f.write(json.dumps({"user": user, "items": items.tolist()}) + "\n")
+            f.write(json.dumps({"user": user, "items": [int(i) for i in items if i >= 0]}) + "\n")
 
 
 def main(cfg: Config) -> dict:

@@ -5,7 +5,8 @@
             random 20% masked out; target: the masked items, multi-hot, through the tied rec
             head; mutual regularization towards the content tables), then (content_epochs) one
             content epoch so regularization works both ways; then rank the validation users
-    save:   the epoch with the best validation metric to <run.dir>/finetune
+    save:   the epoch with the best validation metric to <run.dir>/finetune; training
+            checkpoints to <run.dir>/finetune/checkpoints (run.resume=auto continues exactly)
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from data_shards.reader import load_index, load_split
 from trainer.batching import Collator
+from trainer.checkpoint import Checkpointer
 from trainer.config import Config
 from trainer.engine import (build_engine, build_model, init_distributed, load_ds_config, report_resources,
                             seed_everything, stream_reader)
@@ -52,29 +54,59 @@ def main(cfg: Config) -> Path:
         cfg.dump(out_dir / "config.json")
     log.info("finetune on %d rank(s): %d users, %d epochs, target=%s", world, rec_reader.num_docs, f.epochs, f.target)
 
+    phases = [(epoch, phase) for epoch in range(f.epochs) for phase in ("rec", "content")
+              if phase == "rec" or f.content_epochs]
+    readers = {"rec": rec_reader, "content": content_reader}
+    batchers = {"rec": collator.rec, "content": collator.content}
+    checkpoints = Checkpointer(engine, out_dir, cfg.run.save_every_steps, cfg.run.keep_checkpoints, cfg.to_dict())
+    resume_from = checkpoints.find(cfg.run.resume)
+    state = checkpoints.load(resume_from) if resume_from else None
+    progress = state["progress"] if state else {"phase_index": 0, "next_step": 0, "loss_sum": 0.0,
+                                                "best": None, "history": []}
+
+    if state:
+        log.info("resuming at %s step %d", "finetune {} {}".format(*phases[progress["phase_index"]])
+                 if progress["phase_index"] < len(phases) else "the end", progress["next_step"])
+
     # ----- train, selecting on validation -----
-    train_log = TrainLog(out_dir / "train_log.jsonl", rank, cfg.run.log_every)
-    best, history = None, []
-    for epoch in range(f.epochs):
-        train_epoch(engine, optimizer, rec_reader, collator.rec, "rec", "collab", epoch,
-                    f"finetune {epoch + 1} rec", train_log, f.max_steps_per_epoch)
-        if f.content_epochs:
-            train_epoch(engine, optimizer, content_reader, collator.content, "content", "content", epoch,
-                        f"finetune {epoch + 1} content", train_log, f.max_steps_per_epoch)
-        val = evaluate_topk(rank_users(engine, collator, train, cfg.evaluate.batch_size), val_items)
-        history.append({"epoch": epoch, **val})
-        improved = best is None or val[f.select_metric] > best[f.select_metric]
-        log.info("finetune epoch %d: val %s%s", epoch,
-                 " ".join(f"{k}={v:.4f}" for k, v in val.items() if k != "users"), "  (best so far)" if improved else "")
-        if improved:
-            best = {"epoch": epoch, **val}
-            # ----- save (the best epoch so far) -----
-            save_model_state(engine.module, out_dir, rank)
+    train_log = TrainLog(out_dir, rank, cfg.run.log_every, cfg.data.log_documents, state["step"] if state else 0)
+    best, history = progress["best"], progress["history"]
+    for number in range(progress["phase_index"], len(phases)):
+        epoch, phase = phases[number]
+        reader = readers[phase]
+        start_step, loss_sum = 0, 0.0
+        if number == progress["phase_index"] and progress["next_step"]:
+            if reader.resume_point(state["reader"]) != (epoch, progress["next_step"]):
+                raise RuntimeError(f"{resume_from}: its reader state and progress disagree; use an earlier checkpoint")
+            start_step, loss_sum = progress["next_step"], progress["loss_sum"]
+
+        def after_step(next_step: int, loss_sum: float, number=number, epoch=epoch, reader=reader):
+            if checkpoints.due(train_log.step) and next_step < reader.steps_per_epoch:
+                checkpoints.save(train_log.step, {"phase_index": number, "next_step": next_step, "loss_sum": loss_sum,
+                                                  "best": best, "history": history},
+                                 reader.state(epoch, next_step, cfg.data.num_workers))
+
+        train_epoch(engine, optimizer, reader, batchers[phase], phase, "collab" if phase == "rec" else "content",
+                    epoch, f"finetune {epoch + 1} {phase}", train_log, f.max_steps_per_epoch, start_step, loss_sum,
+                    cfg.data.num_workers, after_step)
+        if number + 1 == len(phases) or phases[number + 1][0] != epoch:  # the epoch's last phase: validate
+            val = evaluate_topk(rank_users(engine, collator, train, cfg.evaluate.batch_size), val_items)
+            history.append({"epoch": epoch, **val})
+            improved = best is None or val[f.select_metric] > best[f.select_metric]
+            log.info("finetune epoch %d: val %s%s", epoch, " ".join(f"{k}={v:.4f}" for k, v in val.items()
+                                                                    if k != "users"),
+                     "  (best so far)" if improved else "")
+            if improved:
+                best = {"epoch": epoch, **val}
+                # ----- save (the best epoch so far) -----
+                save_model_state(engine.module, out_dir, rank)
+        checkpoints.save(train_log.step, {"phase_index": number + 1, "next_step": 0, "loss_sum": 0.0,
+                                          "best": best, "history": history}, None)
     train_log.close()
     if rank == 0:
         (out_dir / "selection.json").write_text(json.dumps({"metric": f.select_metric, "best": best,
                                                              "history": history}, indent=2))
     log.info("best epoch %d (val %s %.4f) saved to %s", best["epoch"], f.select_metric, best[f.select_metric],
              out_dir)
-    report_resources(out_dir, "finetune", started)
+    report_resources(out_dir, "finetune", started, {s: r.skipped for s, r in readers.items()})
     return out_dir

@@ -13,17 +13,32 @@ from trainer.optim import AlternatingAdamW
 
 
 class TrainLog:
-    """Every step as a JSON line in <stage dir>/train_log.jsonl, and a console line every
-    `log_every` steps; rank 0 only."""
+    """Every step as a JSON line in <stage dir>/train_log.jsonl (rank 0), and a console line
+    every `log_every` steps. With `log_documents`, every rank also writes the keys of the
+    documents it trained on to <stage dir>/documents-rank<r>.jsonl.
 
-    def __init__(self, path: Path, rank: int, log_every: int):
+    `resume_step`: continuing from a checkpoint taken after that many steps; lines of later
+    steps (written before the interruption) are dropped, so the files read as one clean run.
+    """
+
+    def __init__(self, stage_dir: Path, rank: int, log_every: int, log_documents: bool = False,
+                 resume_step: int = 0):
         self.rank = rank
         self.log_every = max(1, log_every)
-        self.step = 0
-        self.file = open(path, "a") if rank == 0 else None
+        self.step = resume_step
+        paths = ([Path(stage_dir) / "train_log.jsonl"] if rank == 0 else []) + \
+            ([Path(stage_dir) / f"documents-rank{rank}.jsonl"] if log_documents else [])
+        for path in paths:
+            _keep_steps_up_to(path, resume_step)
+        self.file = open(paths[0], "a") if rank == 0 else None
+        self.documents = open(paths[-1], "a") if log_documents else None
 
-    def write(self, record: dict, bar: tqdm | None = None) -> None:
+    def write(self, record: dict, bar: tqdm | None = None, docs: list[dict] | None = None) -> None:
         self.step += 1
+        if self.documents is not None and docs is not None:
+            self.documents.write(json.dumps({"step": self.step, "stage": record.get("stage"), "epoch": record.get("epoch"),
+                                             "keys": [d["key"] for d in docs]}) + "\n")
+            self.documents.flush()
         if self.file is None:
             return
         record = {"step": self.step, **record}
@@ -34,8 +49,17 @@ class TrainLog:
             (bar.write if bar is not None else print)(line)
 
     def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
+        for f in (self.file, self.documents):
+            if f is not None:
+                f.close()
+
+
+def _keep_steps_up_to(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True)
+            if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(kept))
 
 
 def _global_mean(values: list[float]) -> list[float]:
@@ -54,20 +78,21 @@ def agree_on_vocab_chunks(batch: dict, chunk: int) -> int:
 
 
 def train_epoch(engine, optimizer: AlternatingAdamW, reader, make_batch, task: str, model_name: str,
-                epoch: int, label: str, log: TrainLog, max_steps: int = 0) -> float:
-    """One pass over `reader`'s epoch; only `model_name`'s parameters are updated.
+                epoch: int, label: str, log: TrainLog, max_steps: int = 0, start_step: int = 0,
+                loss_sum: float = 0.0, num_workers: int = 0, after_step=None) -> float:
+    """Steps [start_step, end) of `reader`'s epoch; only `model_name`'s parameters are updated.
 
-    Returns the mean loss over the epoch (averaged over ranks).
+    Batches are built by `make_batch` in `num_workers` DataLoader workers. `after_step(next_step,
+    loss_sum)` runs after every step (checkpoints). `loss_sum`: the summed losses of the steps
+    before `start_step` (when resuming). Returns the mean loss over the epoch (averaged over ranks).
     """
     engine.train()
     steps = reader.steps_per_epoch if not max_steps else min(max_steps, reader.steps_per_epoch)
-    bar = tqdm(total=steps, desc=label, disable=log.rank != 0, leave=False, dynamic_ncols=True)
-    total = 0.0
-    for step, docs in enumerate(reader.epoch(epoch)):
-        if step >= steps:
-            break
+    bar = tqdm(total=steps, initial=start_step, desc=label, disable=log.rank != 0, leave=False, dynamic_ncols=True)
+    total = loss_sum
+    waited = time.perf_counter()
+    for step, docs, batch in reader.loader(epoch, start_step, steps, make_batch, num_workers):
         start = time.perf_counter()
-        batch = make_batch(docs, epoch)
         if task == "content":
             batch["vocab_chunks"] = agree_on_vocab_chunks(batch, engine.module.loss_cfg.vocab_chunk)
         optimizer.active_model = model_name
@@ -79,6 +104,10 @@ def train_epoch(engine, optimizer: AlternatingAdamW, reader, make_batch, task: s
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         log.write({"stage": label, "task": task, "epoch": epoch, "loss": loss, "nll": nll, "reg": reg,
-                   "docs": len(docs) * dist.get_world_size(), "step_s": round(time.perf_counter() - start, 4)}, bar)
+                   "docs": len(docs) * dist.get_world_size(), "data_s": round(start - waited, 4),
+                   "step_s": round(time.perf_counter() - start, 4)}, bar, docs)
+        if after_step is not None:
+            after_step(step + 1, total)
+        waited = time.perf_counter()
     bar.close()
     return total / max(1, steps)

@@ -86,8 +86,12 @@ def topk_excluding(scores: torch.Tensor, exclude: Sequence[np.ndarray], k: int) 
     Ties go to the lower item id. torch.topk's order among ties depends on k, the device and
     the build, and popularity scores are full of ties, so the candidates (every item scoring at
     least the k-th best score) are re-ranked with a stable sort to keep numbers reproducible.
-    If k exceeds the number of non-excluded items, the tail holds excluded ones.
+    If k exceeds the number of non-excluded items, the tail holds excluded ones; if it exceeds
+    the number of items, the rows are padded with -1 (no item).
     """
+    if k > scores.shape[1]:
+        top = topk_excluding(scores, exclude, scores.shape[1])
+        return torch.cat([top, top.new_full((top.shape[0], k - scores.shape[1]), -1)], dim=1)
     scores = scores.detach().clone()
     if not scores.is_floating_point():
         scores = scores.double()

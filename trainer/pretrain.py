@@ -5,7 +5,9 @@
             item-head LM on `user_i has interacted with item_a item_b ...`) and one content
             epoch (C-step: vocabulary LM on reviews and item texts); each step updates only the
             model whose loss it computed
-    save:   ID tables + adapters to <run.dir>/pretrain
+    save:   ID tables + adapters to <run.dir>/pretrain; training checkpoints (every
+            run.save_every_steps steps and at epoch ends) to <run.dir>/pretrain/checkpoints,
+            from which run.resume=auto continues exactly
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pathlib import Path
 
 from data_shards.reader import load_index
 from trainer.batching import Collator
+from trainer.checkpoint import Checkpointer
 from trainer.config import Config
 from trainer.engine import (build_engine, build_model, init_distributed, load_ds_config, report_resources,
                             seed_everything, stream_reader)
@@ -46,25 +49,48 @@ def main(cfg: Config) -> Path:
     readers = {"collab": stream_reader(cfg, "collab", p.collab_batch_size),
                "content": stream_reader(cfg, "content", p.content_batch_size)}
     batchers = {"collab": collator.collab, "content": collator.content}
+    plan = epoch_plan(p.content_warmup_epochs, p.rounds)
+    checkpoints = Checkpointer(engine, out_dir, cfg.run.save_every_steps, cfg.run.keep_checkpoints, cfg.to_dict())
+    resume_from = checkpoints.find(cfg.run.resume)
+    state = checkpoints.load(resume_from) if resume_from else None
+    # Where the plan stands: which epoch of the plan, the next step in it, finished epochs per kind.
+    progress = state["progress"] if state else {"plan_index": 0, "next_step": 0, "loss_sum": 0.0,
+                                                "epochs_done": {"collab": 0, "content": 0}}
     if rank == 0:
         cfg.dump(out_dir / "config.json")
-    log.info("pretrain on %d rank(s): %d collab docs, %d content docs; plan %s", world,
-             readers["collab"].num_docs, readers["content"].num_docs, epoch_plan(p.content_warmup_epochs, p.rounds))
+    log.info("pretrain on %d rank(s): %d collab docs, %d content docs; plan %s%s", world,
+             readers["collab"].num_docs, readers["content"].num_docs, plan,
+             f"; resuming at epoch {progress['plan_index'] + 1} step {progress['next_step']}" if state else "")
 
     # ----- train -----
-    train_log = TrainLog(out_dir / "train_log.jsonl", rank, cfg.run.log_every)
-    epochs_done = {"collab": 0, "content": 0}
-    for number, kind in enumerate(epoch_plan(p.content_warmup_epochs, p.rounds)):
-        epoch = epochs_done[kind]
-        label = f"pretrain {number + 1} {kind}"
-        mean = train_epoch(engine, optimizer, readers[kind], batchers[kind], kind, kind, epoch, label, train_log,
-                           p.max_steps_per_epoch)
+    train_log = TrainLog(out_dir, rank, cfg.run.log_every, cfg.data.log_documents, state["step"] if state else 0)
+    epochs_done = dict(progress["epochs_done"])
+    for number in range(progress["plan_index"], len(plan)):
+        kind = plan[number]
+        epoch, reader = epochs_done[kind], readers[kind]
+        start_step, loss_sum = 0, 0.0
+        if number == progress["plan_index"] and progress["next_step"]:
+            if reader.resume_point(state["reader"]) != (epoch, progress["next_step"]):
+                raise RuntimeError(f"{resume_from}: its reader state and progress disagree; use an earlier checkpoint")
+            start_step, loss_sum = progress["next_step"], progress["loss_sum"]
+
+        def after_step(next_step: int, loss_sum: float, number=number, kind=kind, epoch=epoch, reader=reader):
+            if checkpoints.due(train_log.step) and next_step < reader.steps_per_epoch:
+                checkpoints.save(train_log.step, {"plan_index": number, "next_step": next_step, "loss_sum": loss_sum,
+                                                  "epochs_done": epochs_done},
+                                 reader.state(epoch, next_step, cfg.data.num_workers))
+
+        mean = train_epoch(engine, optimizer, reader, batchers[kind], kind, kind, epoch,
+                           f"pretrain {number + 1} {kind}", train_log, p.max_steps_per_epoch, start_step, loss_sum,
+                           cfg.data.num_workers, after_step)
         log.info("%s epoch %d: mean loss %.4f", kind, epoch, mean)
         epochs_done[kind] += 1
+        checkpoints.save(train_log.step, {"plan_index": number + 1, "next_step": 0, "loss_sum": 0.0,
+                                          "epochs_done": epochs_done}, None)
     train_log.close()
 
     # ----- save -----
     save_model_state(engine.module, out_dir, rank)
     log.info("saved ID tables%s to %s", " and adapters" if engine.module.lora else "", out_dir)
-    report_resources(out_dir, "pretrain", started)
+    report_resources(out_dir, "pretrain", started, {s: r.skipped for s, r in readers.items()})
     return out_dir

@@ -17,8 +17,9 @@ class FixedReader:
         self.batches = batches
         self.steps_per_epoch = len(batches)
 
-    def epoch(self, epoch, start_step=0):
-        yield from self.batches
+    def loader(self, epoch, start_step, stop_step, transform, num_workers):
+        for step in range(start_step, stop_step):
+            yield step, self.batches[step], transform(self.batches[step], epoch)
 
 
 base_dir, shards, out = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
@@ -37,7 +38,7 @@ if rank == 0:
 else:
     content = [{"kind": "title", "user": None, "item": 7, "text": "wash", "pos": 9}]
     collab = [{"user": 5, "items": [1], "pos": 1}, {"user": 6, "items": [2, 3], "pos": 2}]
-log = TrainLog(f"{out}/log.jsonl", rank, log_every=1)
+log = TrainLog(out, rank, log_every=1)
 for task, docs, make in (("content", content, col.content), ("collab", collab, col.collab),
                          ("rec", collab, col.rec)):
     owner = "content" if task == "content" else "collab"

@@ -1,0 +1,125 @@
+"""A 2-rank run killed with SIGKILL mid-epoch and resumed with `--resume auto` continues exactly:
+every rank trains on the same documents in the same order as an uninterrupted run, and the
+final ID tables and adapters are bitwise equal. Pretraining and finetuning, via launch/."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from data_shards.build import build_shards
+from data_shards.sources import load_cllm4rec
+from data_shards.synthetic import write_synthetic_cllm4rec
+from tests.conftest import REPO
+from tests.helpers import launcher_env, write_tiny_checkpoint
+
+pytestmark = pytest.mark.slow
+
+SAVED = ["id_tables.safetensors", "adapters/collab/adapter_model.safetensors",
+         "adapters/content/adapter_model.safetensors", "documents-rank0.jsonl", "documents-rank1.jsonl"]
+
+
+def _command(stage, tmp, run_dir, *extra):
+    overrides = [f"model.base_dir={tmp / 'tiny'}", f"data.shards={tmp / 'shards'}", f"run.dir={run_dir}",
+                 "pretrain.rounds=1", "pretrain.content_batch_size=8", "pretrain.collab_batch_size=4",
+                 "finetune.epochs=2", "finetune.content_epochs=true", "finetune.batch_size=4",
+                 "finetune.content_batch_size=8", "lora.dropout=0.1", "run.save_every_steps=5",
+                 "data.log_documents=true", "data.num_workers=2", "run.log_every=1000", *extra]
+    return ["bash", str(REPO / "launch" / f"{stage}.sh"), "configs/quickstart.yaml", *overrides]
+
+
+def _run(stage, tmp, run_dir, *extra):
+    done = subprocess.run(_command(stage, tmp, run_dir, *extra), cwd=REPO, env=launcher_env(NPROC="2"),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{stage} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout + done.stderr
+
+
+def _kill_at(stage, tmp, run_dir, steps):
+    """Start the stage and SIGKILL every process of it once `steps` steps are logged."""
+    log = run_dir / stage / "train_log.jsonl"
+    with open(tmp / f"{stage}-killed.log", "w") as out:
+        proc = subprocess.Popen(_command(stage, tmp, run_dir), cwd=REPO, env=launcher_env(NPROC="2"),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 300
+        while not (log.is_file() and len(log.read_text().splitlines()) >= steps):
+            assert proc.poll() is None and time.time() < deadline, (tmp / f"{stage}-killed.log").read_text()[-3000:]
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _losses(path):
+    return [(r["step"], r["stage"], r["loss"]) for r in map(json.loads, path.read_text().splitlines())]
+
+
+def _mid_epoch_checkpoint(train_log, every=5):
+    """A checkpoint step, near 60% of the stage, with the same epoch running 4 steps past it."""
+    labels = [r["stage"] for r in map(json.loads, train_log.read_text().splitlines())]
+    candidates = [c for c in range(every, len(labels) - 4, every) if len(set(labels[c - 1:c + 4])) == 1]
+    return min(candidates, key=lambda c: abs(c - 0.6 * len(labels)))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("resume")
+    src = write_synthetic_cllm4rec(tmp / "syn", num_users=60, num_items=40, num_clusters=3, seed=2)
+    build_shards(load_cllm4rec(src), tmp / "shards", docs_per_shard=17)  # unequal shard sizes
+    write_tiny_checkpoint(tmp / "tiny")
+    whole, broken = tmp / "whole", tmp / "broken"
+    resumed_at, logs = {}, {}
+    for stage in ("pretrain", "finetune"):
+        _run(stage, tmp, whole)
+        # Killed 3 steps after a checkpoint taken in the middle of an epoch, then resumed.
+        resumed_at[stage] = _mid_epoch_checkpoint(whole / stage / "train_log.jsonl")
+        _kill_at(stage, tmp, broken, resumed_at[stage] + 3)
+        logs[stage] = _run(stage, tmp, broken, "--resume", "auto")
+    return whole, broken, logs, resumed_at
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_killed_run_resumes_exactly(runs, stage):
+    whole, broken, logs, resumed_at = runs
+    assert f"resumed from {broken / stage / 'checkpoints' / f'step-{resumed_at[stage]:08d}'}" in logs[stage]
+    for name in SAVED:
+        a, b = (whole / stage / name).read_bytes(), (broken / stage / name).read_bytes()
+        assert a == b, f"{stage}/{name} differs after resume"
+    assert _losses(whole / stage / "train_log.jsonl") == _losses(broken / stage / "train_log.jsonl")
+    if stage == "finetune":
+        assert json.loads((whole / stage / "selection.json").read_text()) == \
+            json.loads((broken / stage / "selection.json").read_text())
+
+
+def test_each_rank_read_its_documents_once_per_epoch(runs):
+    whole = runs[0]
+    for stage in ("pretrain", "finetune"):
+        seen = {}
+        for rank in (0, 1):
+            for line in (whole / stage / f"documents-rank{rank}.jsonl").read_text().splitlines():
+                record = json.loads(line)
+                seen.setdefault((record["stage"], rank), []).extend(record["keys"])
+        for keys in seen.values():
+            assert len(keys) == len(set(keys))
+        for label in {s for s, _ in seen}:
+            both = seen[(label, 0)] + seen[(label, 1)]
+            assert len(both) == len(set(both))  # the ranks never share a document
+
+
+def test_a_corrupt_shard_stops_the_launch_before_training(runs, tmp_path):
+    import shutil
+
+    whole = runs[0]
+    tmp = whole.parent
+    shards = tmp_path / "shards"
+    shutil.copytree(tmp / "shards", shards)
+    shard = shards / "collab" / "collab-00001.tar"
+    shard.write_bytes(shard.read_bytes()[:-1024])  # truncated
+    command = _command("pretrain", tmp, tmp_path / "run") + [f"data.shards={shards}"]
+    done = subprocess.run(command, cwd=REPO, env=launcher_env(NPROC="2"), capture_output=True, text=True,
+                          timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert f"cllm4rec pretrain: stream 'collab': shard {shard} has" in out and "data.bad_shards=skip" in out
+    assert not (tmp_path / "run" / "pretrain" / "train_log.jsonl").exists()
