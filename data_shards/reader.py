@@ -37,6 +37,7 @@ import hashlib
 import json
 import mmap
 import os
+import signal
 import tarfile
 from pathlib import Path
 from typing import Callable, Iterator
@@ -414,7 +415,7 @@ class ShardReader:
         # from the global torch RNG, which stays as the training loop left it (exact resume).
         return iter(torch.utils.data.DataLoader(steps, batch_size=None, num_workers=int(num_workers),
                                                 generator=torch.Generator().manual_seed(self.seed),
-                                                prefetch_factor=2))
+                                                prefetch_factor=2, worker_init_fn=_ignore_stop_signals))
 
     # ------------------------------------------------------------------ resume
 
@@ -448,6 +449,13 @@ class ShardReader:
                              "Resume with the same shards, run.seed, data.window_shards and global batch "
                              "(per-rank batch x ranks)")
         return int(state["epoch"]), int(state["next_step"])
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A scheduler's SIGTERM/SIGUSR1 reaches the whole process group; whether to stop is the
+    training process's call (it may finish a step and save first), and it ends its workers."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class EpochSteps(torch.utils.data.IterableDataset):

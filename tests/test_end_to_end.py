@@ -6,6 +6,7 @@ on its outputs.
 import json
 import math
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -119,3 +120,27 @@ def test_two_adapters_differ_after_training(run):
     assert a.keys() == b.keys()
     assert any(not torch.equal(a[k], b[k]) for k in a)
     assert np.isfinite([t.sum().item() for t in a.values()]).all()
+
+
+def test_export_then_recommend_without_deepspeed_equals_evaluate(run):
+    """The bundle serves, in a process where DeepSpeed cannot even be imported, exactly the
+    top-100 lists that the 2-rank evaluate stage wrote."""
+    tmp, _ = run
+    env = launcher_env()
+    bundle = tmp / "bundle"
+    subprocess.run(["cllm4rec", "export", "--from", str(tmp / "run" / "finetune"), "--output", str(bundle)],
+                   check=True, env=env, capture_output=True, cwd=REPO)
+    for name in ("id_tables.safetensors", "adapters/collab/adapter_config.json", "tokenizer/id_tokens.json",
+                 "config.json", "train.npz"):
+        assert (bundle / name).is_file(), name
+    no_deepspeed = ("import sys; sys.modules['deepspeed'] = None; from trainer.cli import main; "
+                    "main(sys.argv[1:])")
+    done = subprocess.run([sys.executable, "-c", no_deepspeed, "recommend", "--bundle", str(bundle), "--users",
+                           "all"], env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    served = done.stdout.splitlines()
+    assert served == (tmp / "run" / "recommendations.jsonl").read_text().splitlines()
+    some = subprocess.run([sys.executable, "-c", no_deepspeed, "recommend", "--bundle", str(bundle), "--users",
+                           "40,3", "--k", "5"], env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert some.stdout.splitlines() == [json.dumps({"user": u, "items": json.loads(served[u])["items"][:5]})
+                                        for u in (3, 40)]

@@ -3,6 +3,7 @@ every rank trains on the same documents in the same order as an uninterrupted ru
 final ID tables and adapters are bitwise equal. Pretraining and finetuning, via launch/."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -37,18 +38,23 @@ def _run(stage, tmp, run_dir, *extra):
     return done.stdout + done.stderr
 
 
-def _kill_at(stage, tmp, run_dir, steps):
-    """Start the stage and SIGKILL every process of it once `steps` steps are logged."""
+def _signal_at(stage, tmp, run_dir, steps, signals=(signal.SIGKILL,)):
+    """Start the stage in its own process group; once `steps` steps are logged, send `signals`
+    to the whole group (as a scheduler does), 50 ms apart. Returns (exit status, output)."""
     log = run_dir / stage / "train_log.jsonl"
-    with open(tmp / f"{stage}-killed.log", "w") as out:
+    output = tmp / f"{stage}-{run_dir.name}-signalled.log"
+    with open(output, "w") as out:
         proc = subprocess.Popen(_command(stage, tmp, run_dir), cwd=REPO, env=launcher_env(NPROC="2"),
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 300
         while not (log.is_file() and len(log.read_text().splitlines()) >= steps):
-            assert proc.poll() is None and time.time() < deadline, (tmp / f"{stage}-killed.log").read_text()[-3000:]
+            assert proc.poll() is None and time.time() < deadline, output.read_text()[-3000:]
             time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        for sig in signals:
+            os.killpg(proc.pid, sig)
+            time.sleep(0.05)
+        status = proc.wait(timeout=120)
+    return status, output.read_text()
 
 
 def _losses(path):
@@ -74,14 +80,14 @@ def runs(tmp_path_factory):
         _run(stage, tmp, whole)
         # Killed 3 steps after a checkpoint taken in the middle of an epoch, then resumed.
         resumed_at[stage] = _mid_epoch_checkpoint(whole / stage / "train_log.jsonl")
-        _kill_at(stage, tmp, broken, resumed_at[stage] + 3)
+        _signal_at(stage, tmp, broken, resumed_at[stage] + 3)
         logs[stage] = _run(stage, tmp, broken, "--resume", "auto")
-    return whole, broken, logs, resumed_at
+    return whole, broken, logs, resumed_at, tmp
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])
 def test_killed_run_resumes_exactly(runs, stage):
-    whole, broken, logs, resumed_at = runs
+    whole, broken, logs, resumed_at, _ = runs
     assert f"resumed from {broken / stage / 'checkpoints' / f'step-{resumed_at[stage]:08d}'}" in logs[stage]
     for name in SAVED:
         a, b = (whole / stage / name).read_bytes(), (broken / stage / name).read_bytes()
@@ -108,10 +114,7 @@ def test_each_rank_read_its_documents_once_per_epoch(runs):
 
 
 def test_a_corrupt_shard_stops_the_launch_before_training(runs, tmp_path):
-    import shutil
-
-    whole = runs[0]
-    tmp = whole.parent
+    tmp = runs[-1]
     shards = tmp_path / "shards"
     shutil.copytree(tmp / "shards", shards)
     shard = shards / "collab" / "collab-00001.tar"
@@ -123,3 +126,80 @@ def test_a_corrupt_shard_stops_the_launch_before_training(runs, tmp_path):
     assert done.returncode != 0
     assert f"cllm4rec pretrain: stream 'collab': shard {shard} has" in out and "data.bad_shards=skip" in out
     assert not (tmp_path / "run" / "pretrain" / "train_log.jsonl").exists()
+
+
+def test_preemption_signal_saves_stops_and_resumes_exactly(runs):
+    """SIGTERM to the job's process group, then SIGUSR1 while it saves: the ranks finish the
+    step, save one complete checkpoint, exit with status 75; --resume auto then ends bitwise
+    equal to the uninterrupted run."""
+    from trainer.checkpoint import EXIT_PREEMPTED, damage
+
+    whole, tmp = runs[0], runs[-1]
+    run_dir = tmp / "preempted"
+    status, output = _signal_at("pretrain", tmp, run_dir, 12, (signal.SIGTERM, signal.SIGUSR1))
+    assert status == EXIT_PREEMPTED, output[-3000:]
+    assert "received SIGTERM" in output and "rerun with --resume auto" in output
+    checkpoints = run_dir / "pretrain" / "checkpoints"
+    latest = checkpoints / (checkpoints / "latest").read_text().strip()
+    saved_at = json.loads((latest / "trainer_state.json").read_text())["step"]
+    assert 12 <= saved_at <= 14 and saved_at % 5 != 0  # the step in flight, not a periodic save
+    assert damage(latest) is None and not list(checkpoints.glob(".incomplete-*"))
+    _run("pretrain", tmp, run_dir, "--resume", "auto")
+    for name in SAVED:
+        assert (whole / "pretrain" / name).read_bytes() == (run_dir / "pretrain" / name).read_bytes(), name
+
+
+def test_resume_auto_skips_a_damaged_checkpoint(runs):
+    whole, tmp = runs[0], runs[-1]
+    run_dir = tmp / "damaged"
+    shutil.copytree(whole / "pretrain" / "checkpoints", run_dir / "pretrain" / "checkpoints")
+    newest = sorted((run_dir / "pretrain" / "checkpoints").glob("step-*"))
+    assert len(newest) == 2  # run.keep_checkpoints
+    broken = newest[-1] / "deepspeed" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    broken.write_bytes(broken.read_bytes()[:100])
+    (run_dir / "pretrain" / "checkpoints" / ".incomplete-step-99999999").mkdir()  # a save cut short
+    output = _run("pretrain", tmp, run_dir, "--resume", "auto")
+    assert f"skipping damaged checkpoint {newest[-1]}" in output and str(broken) in output
+    assert f"resumed from {newest[0]}" in output
+
+
+def _step_losses(path, after):
+    return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines()) if r["step"] > after}
+
+
+@pytest.mark.parametrize("ranks_from, ranks_to", [(2, 1), (1, 2)])
+def test_elastic_resume_on_another_world_size(runs, tmp_path, ranks_from, ranks_to):
+    """The same global batch on another number of ranks: losses continue within 1e-5 (relative)
+    and the final tables and adapters match within 1e-5. Dropout off: its random streams are
+    per rank."""
+    import torch
+    from safetensors.torch import load_file
+
+    tmp = runs[-1]
+
+    def run(ranks, run_dir, *extra):
+        per_rank = {"pretrain.content_batch_size": 16 // ranks, "pretrain.collab_batch_size": 8 // ranks}
+        # Capped epochs: every step a full global batch (a last partial one splits differently).
+        command = _command("pretrain", tmp, run_dir, "lora.dropout=0.0", "run.keep_checkpoints=100",
+                           "pretrain.max_steps_per_epoch=30",
+                           *[f"{k}={v}" for k, v in per_rank.items()], *extra)
+        done = subprocess.run(command, cwd=REPO, env=launcher_env(NPROC=str(ranks)), capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout + done.stderr
+
+    reference = tmp_path / "reference"
+    run(ranks_from, reference)
+    at = _mid_epoch_checkpoint(reference / "pretrain" / "train_log.jsonl")
+    checkpoint = reference / "pretrain" / "checkpoints" / f"step-{at:08d}"
+    moved = tmp_path / "moved"
+    output = run(ranks_to, moved, f"run.resume={checkpoint}")
+    assert f"resuming a {ranks_from}-rank checkpoint on {ranks_to} rank(s)" in output
+    want = _step_losses(reference / "pretrain" / "train_log.jsonl", at)
+    got = _step_losses(moved / "pretrain" / "train_log.jsonl", at)
+    assert sorted(got) == sorted(want) and len(got) >= 20
+    for step in want:
+        assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), (step, got[step], want[step])
+    a, b = load_file(reference / "pretrain" / "id_tables.safetensors"), load_file(moved / "pretrain" / "id_tables.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)

@@ -3,15 +3,23 @@
 Layout, below the stage's output folder (e.g. runs/x/pretrain)::
 
     checkpoints/
-        step-00000120/            one checkpoint; the tag counts the stage's training steps
-            step-00000120/...     DeepSpeed: partitioned trainable weights + optimizer state
-            rng-rank00000.pt      that rank's python / numpy / torch RNG states
-            trainer_state.json    the recipe's progress, every rank's data-reader state,
-                                  the resolved config and the project version
-        latest                    tag of the newest complete checkpoint, written last
+        step-00000120/              one checkpoint; the number counts the stage's training steps
+            deepspeed/              DeepSpeed: partitioned trainable weights + optimizer state, per rank
+            zero_to_fp32.py         DeepSpeed's consolidation script (see README, "Checkpoints")
+            rng-rank00000.pt        that rank's python / numpy / torch RNG states
+            trainable.safetensors   every trainable parameter in full (fp32) with its Adam moments:
+                                    what a resume on another number of ranks loads
+            trainer_state.json      the recipe's progress, every rank's data-reader state,
+                                    Adam step counts, the resolved config, the project version
+            manifest.json           size and sha256 of every file above; written last
+        latest                      name of the newest published checkpoint
 
-A checkpoint counts only once ``latest`` names it: a crash while saving leaves ``latest`` on
-the previous one. The frozen base is not saved (it is reloaded from ``model.base_dir``).
+Saving is atomic: a checkpoint is written to ``.incomplete-step-N/``, its manifest is written
+from the files on disk, and only then is the folder renamed to ``step-N/`` and ``latest``
+rewritten. A crash at any point leaves ``latest`` on a complete checkpoint. Resuming checks
+the manifest; a damaged checkpoint is skipped with a warning naming it.
+
+The frozen base is not saved (it is reloaded from ``model.base_dir``).
 """
 from __future__ import annotations
 
@@ -20,6 +28,8 @@ import logging
 import os
 import random
 import shutil
+import signal
+import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -27,8 +37,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data_shards.build import sha256_of
+from trainer.model_state import gathered_params
+
 log = logging.getLogger("cllm4rec")
 STATE_NAME = "trainer_state.json"
+MANIFEST_NAME = "manifest.json"
+TRAINABLE_NAME = "trainable.safetensors"
+DS_TAG = "deepspeed"
+# The exit status of a run that stopped on SIGTERM/SIGUSR1 after saving a checkpoint (EX_TEMPFAIL):
+# a wrapper requeues on it and reruns with --resume auto.
+EXIT_PREEMPTED = 75
 
 
 def _project_version() -> str:
@@ -44,9 +63,67 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _manifest(folder: Path) -> dict:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+    return {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_of(p)} for p in files}
+
+
+def damage(folder: Path) -> str | None:
+    """Why a published checkpoint folder cannot be used, or None when its manifest holds."""
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        return f"{path} is missing"
+    try:
+        recorded = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        return f"{path} is not valid JSON ({e})"
+    for name, meta in recorded.items():
+        f = folder / name
+        if not f.is_file():
+            return f"{f} is missing"
+        if f.stat().st_size != meta["bytes"] or sha256_of(f) != meta["sha256"]:
+            return f"{f} differs from its manifest (size or sha256)"
+    return None
+
+
+class Preempted(Exception):
+    """Raised after the checkpoint that a preemption signal asked for has been saved."""
+
+    def __init__(self, checkpoint: Path):
+        super().__init__(f"stopped on a preemption signal after saving {checkpoint}; "
+                         f"rerun with --resume auto to continue (exit status {EXIT_PREEMPTED})")
+        self.checkpoint = checkpoint
+
+
+class PreemptionWatch:
+    """SIGTERM or SIGUSR1 (Slurm's --signal) ask for a stop. The flag is shared by all ranks once
+    per step, so they finish the same step, save the same checkpoint and stop together.
+    Further signals while saving change nothing: the flag is already set."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int | None = None
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+            log.warning("received %s: finishing this step, then saving a checkpoint and stopping",
+                        signal.Signals(signum).name)
+
+    def requested(self) -> bool:
+        """Collective: did any rank receive a stop signal?"""
+        flag = torch.tensor(0 if self.received is None else 1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag)
+
+
 class Checkpointer:
-    """Saves a stage's training state every ``save_every_steps`` steps and at epoch ends, and
-    restores it when ``resume`` is "auto" (the newest complete checkpoint, if any) or a path."""
+    """Saves a stage's training state every ``save_every_steps`` steps, at epoch ends and on
+    preemption, and restores it when ``resume`` is "auto" (the newest usable checkpoint, if
+    any) or a checkpoint folder."""
 
     def __init__(self, engine, stage_dir: Path, save_every_steps: int, keep: int, config: dict):
         self.engine = engine
@@ -55,6 +132,8 @@ class Checkpointer:
         self.keep = max(1, int(keep))
         self.config = config
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.preemption = PreemptionWatch()
+        self.stopping = False
 
     # ------------------------------------------------------------------ save
 
@@ -64,65 +143,205 @@ class Checkpointer:
     def save(self, step: int, progress: dict, reader_state: dict | None) -> Path:
         """Collective: every rank calls it after the same step. ``reader_state`` is this rank's
         (None between epochs)."""
+        started = time.perf_counter()
         tag = f"step-{step:08d}"
-        ckpt = self.root / tag
-        self.engine.save_checkpoint(str(ckpt), tag=tag, save_latest=False, exclude_frozen_parameters=True)
+        final, tmp = self.root / tag, self.root / f".incomplete-{tag}"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+        self.engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
         torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-                   ckpt / f"rng-rank{self.rank:05d}.pt")
+                   tmp / f"rng-rank{self.rank:05d}.pt")
+        trainable, adam_steps = self._full_trainable_state()
         readers = [None] * self.world
         dist.all_gather_object(readers, reader_state)
+        dist.barrier()  # every rank's files are on disk
         if self.rank == 0:
+            from safetensors.torch import save_file
+
+            save_file(trainable, str(tmp / TRAINABLE_NAME))
             state = {"tag": tag, "step": step, "world_size": self.world, "progress": progress,
-                     "readers": readers, "config": self.config, "version": _project_version()}
-            _write_atomically(ckpt / STATE_NAME, json.dumps(state, indent=1))
-        dist.barrier()  # every rank's files are on disk before `latest` may name them
-        if self.rank == 0:
+                     "readers": readers, "adam_steps": adam_steps, "config": self.config,
+                     "version": _project_version()}
+            (tmp / STATE_NAME).write_text(json.dumps(state, indent=1))
+            (tmp / MANIFEST_NAME).write_text(json.dumps(_manifest(tmp), indent=1))
+            if final.exists():  # the same step saved again after a resume
+                shutil.rmtree(final)
+            os.replace(tmp, final)
             _write_atomically(self.root / "latest", tag + "\n")
             self._prune(tag)
-            log.info("checkpoint %s saved", ckpt)
+            size = sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
+            log.info("checkpoint %s saved in %.2f s (%.1f MB)", final, time.perf_counter() - started, size / 2**20)
         dist.barrier()
-        return ckpt
+        return final
+
+    def _full_trainable_state(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """Every trainable parameter in full fp32 with its Adam moments (collective), and the Adam
+        step count of each param group by model name."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        out = {}
+        for name, p in self.engine.module.named_parameters():
+            if not p.requires_grad:
+                continue
+            out[f"param/{name}"] = safe_get_full_fp32_param(p).detach().float().cpu().contiguous()
+            for moment in ("exp_avg", "exp_avg_sq"):
+                try:
+                    value = safe_get_full_optimizer_state(p, moment)
+                except KeyError:  # a model that has not stepped yet has no Adam state (same on every rank)
+                    value = None
+                out[f"{moment}/{name}"] = (torch.zeros_like(out[f"param/{name}"]) if value is None
+                                           else value.detach().float().cpu().contiguous())
+        return out, _adam_steps(self.engine)
 
     def _prune(self, newest: str) -> None:
         tags = sorted(p.name for p in self.root.glob("step-*") if p.is_dir())
         for old in [t for t in tags if t < newest][: max(0, len(tags) - self.keep)]:
             shutil.rmtree(self.root / old, ignore_errors=True)
 
+    def after_step(self, step: int, next_step: int, epoch_steps: int, progress, reader_state) -> None:
+        """Collective, after every training step: save when due or when a rank received a stop
+        signal, and then stop. ``progress()`` / ``reader_state()`` describe the run after this step.
+        At an epoch's last step nothing is saved: :meth:`epoch_end` follows."""
+        self.stopping = self.stopping or self.preemption.requested()
+        if next_step >= epoch_steps:
+            return
+        if self.stopping or self.due(step):
+            path = self.save(step, progress(), reader_state())
+            if self.stopping:
+                raise Preempted(path)
+
+    def epoch_end(self, step: int, progress: dict) -> None:
+        path = self.save(step, progress, None)
+        if self.stopping:
+            raise Preempted(path)
+
     # ------------------------------------------------------------------ resume
 
     def find(self, resume: str) -> Path | None:
-        """The checkpoint folder that ``run.resume`` asks for, or None to start fresh."""
+        """The checkpoint folder ``run.resume`` asks for, or None to start fresh. Decided on rank 0
+        (it checks manifests) and shared, so every rank loads the same one."""
+        choice = [None]
+        if self.rank == 0:
+            choice[0] = self._choose(resume)
+        dist.broadcast_object_list(choice, src=0)
+        if isinstance(choice[0], Exception):
+            raise choice[0]
+        return None if choice[0] is None else Path(choice[0])
+
+    def _choose(self, resume: str):
         if not resume:
             return None
         if resume != "auto":
             path = Path(resume)
-            if not (path / STATE_NAME).is_file():
-                raise FileNotFoundError(f"run.resume={resume}: no {STATE_NAME} there; point it at a "
-                                        f"checkpoints/step-* folder or use run.resume=auto")
-            return path
-        latest = self.root / "latest"
-        if not latest.is_file():
-            log.info("run.resume=auto: no checkpoint in %s yet, starting fresh", self.root)
+            problem = damage(path) if path.is_dir() else f"{path} is not a checkpoint folder"
+            if problem:
+                return FileNotFoundError(f"run.resume={resume}: {problem}; point it at a checkpoints/step-* "
+                                         "folder or use --resume auto")
+            return str(path)
+        candidates = sorted((p for p in self.root.glob("step-*") if p.is_dir()), reverse=True)
+        if not candidates:
+            log.info("--resume auto: no checkpoint in %s yet, starting fresh", self.root)
             return None
-        path = self.root / latest.read_text().strip()
-        if not (path / STATE_NAME).is_file():
-            raise FileNotFoundError(f"{latest} names {path.name}, which has no {STATE_NAME}; "
-                                    f"remove {latest} to start fresh or point run.resume at another checkpoint")
-        return path
+        for path in candidates:
+            problem = damage(path)
+            if problem is None:
+                return str(path)
+            log.warning("--resume auto: skipping damaged checkpoint %s: %s", path, problem)
+        return RuntimeError(f"--resume auto: every checkpoint in {self.root} is damaged (see the warnings); "
+                            "remove them to start fresh")
 
     def load(self, path: Path) -> dict:
-        """Restore the engine, this rank's RNGs; returns trainer_state with this rank's reader state
-        under ``"reader"``."""
+        """Restore the engine and this rank's RNGs; returns trainer_state with this rank's
+        reader state under ``"reader"``.
+
+        On the number of ranks that saved it, the DeepSpeed partitions are loaded as they are:
+        the run continues bitwise as if uninterrupted. On another number of ranks, the full
+        trainable parameters and Adam moments of ``trainable.safetensors`` are loaded into the
+        new partitions instead; the data order continues at the same global position when the
+        global batch is unchanged; RNG streams (dropout) start from the saved rank 0's.
+        """
+        started = time.perf_counter()
         state = json.loads((path / STATE_NAME).read_text())
-        if state["world_size"] != self.world:
-            raise ValueError(f"{path} was saved by {state['world_size']} rank(s); this run has {self.world}. "
-                             "Resume on the same number of ranks")
-        self.engine.load_checkpoint(str(path), tag=state["tag"], load_module_strict=False,
-                                    load_optimizer_states=True, load_lr_scheduler_states=True)
-        rng = torch.load(path / f"rng-rank{self.rank:05d}.pt", weights_only=False)
+        if state["world_size"] == self.world:
+            self.engine.load_checkpoint(str(path), tag=DS_TAG, load_module_strict=False,
+                                        load_optimizer_states=True, load_lr_scheduler_states=True)
+            rng_file = path / f"rng-rank{self.rank:05d}.pt"
+            state["reader"] = state["readers"][self.rank]
+        else:
+            self._load_trainable(path / TRAINABLE_NAME, state["adam_steps"])
+            rng_file = path / "rng-rank00000.pt"
+            state["reader"] = {**state["readers"][0], "rank": self.rank}
+            log.warning("resuming a %d-rank checkpoint on %d rank(s): weights and Adam state are exact; "
+                        "the data continues at the same global position if the global batch is unchanged",
+                        state["world_size"], self.world)
+        rng = torch.load(rng_file, weights_only=False)
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
-        state["reader"] = state["readers"][self.rank]
-        log.info("resumed from %s (stage step %d)", path, state["step"])
+        log.info("resumed from %s (stage step %d), loaded in %.2f s", path, state["step"], time.perf_counter() - started)
         return state
+
+    def _load_trainable(self, path: Path, adam_steps: dict[str, int]) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+        from safetensors.torch import load_file
+
+        saved = load_file(str(path))
+        params = {n: p for n, p in self.engine.module.named_parameters() if p.requires_grad}
+        missing = [n for n in params if f"param/{n}" not in saved]
+        if missing:
+            raise KeyError(f"{path} has no value for {missing[:3]}: it was saved by another model configuration")
+        # The optimizer's fp32 copies and the module's own partitions are separate tensors under
+        # ZeRO: the first forward reads the latter, Adam the former. Both get the saved values.
+        with gathered_params(list(params.values()), modifier_rank=0), torch.no_grad():
+            for name, p in params.items():
+                p.copy_(saved[f"param/{name}"].to(p.dtype))
+        _create_adam_states(self.engine)
+        for name, p in params.items():
+            safe_set_full_fp32_param(p, saved[f"param/{name}"])
+            for moment in ("exp_avg", "exp_avg_sq"):
+                safe_set_full_optimizer_state(p, saved[f"{moment}/{name}"], moment)
+        _set_adam_steps(self.engine, adam_steps)
+
+
+def _inner_optimizer(engine):
+    optimizer = engine.optimizer
+    return getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the client optimizer
+
+
+def _fp32_partitions(engine) -> list[tuple[str, torch.Tensor]]:
+    """(model name, fp32 tensor that Adam keeps state for) of this rank. ZeRO hands the client
+    optimizer its flat fp32 partitions only for the duration of a step, so they are taken
+    from the ZeRO optimizer."""
+    zero, inner = engine.optimizer, _inner_optimizer(engine)
+    if hasattr(zero, "fp32_partitioned_groups_flat"):  # stage 3: sub-groups of param groups
+        return [(inner.param_groups[zero.sub_group_to_group_id[i]]["model"], flat)
+                for i, flat in enumerate(zero.fp32_partitioned_groups_flat)]
+    if hasattr(zero, "single_partition_of_fp32_groups"):  # stages 1 and 2
+        return [(inner.param_groups[i]["model"], flat) for i, flat in enumerate(zero.single_partition_of_fp32_groups)]
+    return [(group["model"], p) for group in inner.param_groups for p in group["params"]]
+
+
+def _adam_steps(engine) -> dict[str, int]:
+    """Adam's step count per model (all of a model's partitions share it)."""
+    state = _inner_optimizer(engine).state
+    steps: dict[str, int] = {}
+    for model, tensor in _fp32_partitions(engine):
+        steps[model] = max(steps.get(model, 0), int(state[tensor]["step"]) if "step" in state.get(tensor, {}) else 0)
+    return steps
+
+
+def _create_adam_states(engine) -> None:
+    """Adam creates its state on its first step; a resume on another world size fills it in
+    before any step, so it is created here as that step would (zeros)."""
+    state = _inner_optimizer(engine).state
+    for _, tensor in _fp32_partitions(engine):
+        if not state.get(tensor):
+            state[tensor] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(tensor),
+                             "exp_avg_sq": torch.zeros_like(tensor)}
+
+
+def _set_adam_steps(engine, steps: dict[str, int]) -> None:
+    state = _inner_optimizer(engine).state
+    for model, tensor in _fp32_partitions(engine):
+        state[tensor]["step"] = torch.tensor(float(steps.get(model, 0)))

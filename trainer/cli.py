@@ -5,6 +5,8 @@
     cllm4rec make-tiny-model --output DIR [--tokenizer llama2|gpt2|train] [--data DIR]
     cllm4rec synthetic-data --output DIR
     cllm4rec baselines --shards DIR
+    cllm4rec export --from RUN/finetune --output BUNDLE
+    cllm4rec recommend --bundle BUNDLE --users 0,5|all [--k 100]   (or --history 3,17,42)
     cllm4rec pretrain|finetune|evaluate --config configs/x.yaml [key.sub=value ...] [--resume auto]
 
 The training subcommands are what launch/*.sh start under the `deepspeed` launcher, which
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -37,11 +40,19 @@ def _recipe(name: str, args) -> None:
     else:
         from trainer.evaluate import main
     from data_shards.reader import ShardError
+    from trainer.checkpoint import EXIT_PREEMPTED, Preempted
 
     try:
         main(cfg)
     except ShardError as error:  # every rank found the same bad shards: one line each, no traceback
         raise SystemExit(f"cllm4rec {name}: {error}") from None
+    except Preempted as stop:
+        logging.getLogger("cllm4rec").warning("%s", stop)
+        # The deepspeed launcher reports its own status, not the ranks'; launch/*.sh reads this file.
+        status_file = os.environ.get("CLLM4REC_STATUS_FILE")
+        if status_file and os.environ.get("RANK", "0") == "0":
+            Path(status_file).write_text("preempted\n")
+        sys.exit(EXIT_PREEMPTED)
 
 
 def _build_shards(args) -> None:
@@ -73,6 +84,36 @@ def _prepare(args) -> None:
     counts = {name: s["num_docs"] for name, s in index["streams"].items()}
     print(f"wrote shards to {args.output}: {index['num_users']} users, {index['num_items']} items, "
           f"{index['num_interactions']} interactions (train/val/test {index['splits']}), documents {counts}")
+
+
+def _export(args) -> None:
+    from trainer.serve import export
+
+    try:
+        out = export(args.source, args.output, args.overwrite)
+    except (FileNotFoundError, FileExistsError, KeyError, ValueError) as error:
+        raise SystemExit(f"cllm4rec export: {error.args[0] if isinstance(error, KeyError) else error}") from None
+    print(f"wrote the inference bundle {out}")
+
+
+def _recommend(args) -> None:
+    from trainer.serve import Recommender
+
+    if (args.users is None) == (args.history is None):
+        raise SystemExit("cllm4rec recommend: give --users (ids or 'all') or --history (item ids), not both")
+    try:
+        rec = Recommender(args.bundle, args.base)
+        if args.history is not None:
+            items = [int(i) for i in args.history.split(",") if i.strip()]
+            results = {args.user: rec.for_history(args.user, items, args.k)}
+        else:
+            users = (list(range(rec.train.shape[0])) if args.users == "all"
+                     else [int(u) for u in args.users.split(",") if u.strip()])
+            results = rec.for_users(users, args.k)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"cllm4rec recommend: {error}") from None
+    for user in sorted(results):
+        print(json.dumps({"user": user, "items": results[user]}))
 
 
 def _make_tiny_model(args) -> None:
@@ -179,6 +220,22 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("baselines", help="popularity and EASE on a shard folder's splits")
     p.add_argument("--shards", required=True)
     p.set_defaults(func=_baselines)
+
+    p = sub.add_parser("export", help="a stage output or training checkpoint -> an inference bundle")
+    p.add_argument("--from", dest="source", required=True,
+                   help="<run.dir>/finetune (the selected model), <run.dir>/pretrain, or a checkpoints/step-N folder")
+    p.add_argument("--output", required=True, help="bundle folder to write")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("recommend", help="top-k items from a bundle, as JSON lines {\"user\", \"items\"}")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--users", help="comma-separated user ids, or 'all'")
+    p.add_argument("--history", help="comma-separated item ids: recommend for this history instead")
+    p.add_argument("--user", type=int, default=0, help="with --history: whose ID token the prompt names")
+    p.add_argument("--k", type=int, default=100)
+    p.add_argument("--base", help="the frozen base's directory, if not where the bundle's config says")
+    p.set_defaults(func=_recommend)
 
     for name in ("pretrain", "finetune", "evaluate"):
         p = sub.add_parser(name, help=f"the {name} recipe (run it through launch/{name}.sh)")

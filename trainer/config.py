@@ -137,14 +137,24 @@ def _apply(section, values: dict, origin: str, prefix: str = "") -> None:
         setattr(section, key, value)
 
 
+def config_from_dict(values: dict, origin: str, overrides: list[str] = ()) -> Config:
+    """A config saved as a dict (config.json of a run or checkpoint), then overrides."""
+    cfg = Config()
+    _apply(cfg, values, origin)
+    _apply_overrides(cfg, overrides)
+    _validate(cfg)
+    return cfg
+
+
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML file, then `a.b=value` overrides (values parsed as YAML)."""
-    cfg = Config()
-    if path:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"config file {path} not found (see configs/ for examples)")
-        text = Path(path).read_text()
-        _apply(cfg, yaml.safe_load(text) or {}, str(path))
+    if path and not Path(path).is_file():
+        raise FileNotFoundError(f"config file {path} not found (see configs/ for examples)")
+    values = (yaml.safe_load(Path(path).read_text()) or {}) if path else {}
+    return config_from_dict(values, str(path), overrides)
+
+
+def _apply_overrides(cfg: Config, overrides) -> None:
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override '{item}' is not of the form key.sub=value")
@@ -157,8 +167,6 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
             cursor = cursor.setdefault(key, {})
         cursor[keys[-1]] = value
         _apply(cfg, nested, f"override '{item}'")
-    _validate(cfg)
-    return cfg
 
 
 def _validate(cfg: Config) -> None:

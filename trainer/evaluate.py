@@ -3,7 +3,8 @@
     setup:  process group, shards, model with the saved ID tables + adapters, DeepSpeed engine
     rank:   prompt = all train items (order fixed by the seed) + `, user_i will interact with`;
             the rec head scores every item; train items are excluded; top-100 per user.
-            Users are split across ranks, and the top lists gathered on every rank.
+            Users are scored in fixed blocks, spread over the ranks; the top lists are gathered on
+            every rank.
     save:   <run.dir>/metrics.json (Recall@20, Recall@40, NDCG@100 and the user count for
             val and test) and, on request, <run.dir>/recommendations.jsonl
 """
@@ -32,32 +33,46 @@ log = logging.getLogger("cllm4rec")
 TOP_K = 100
 
 
+def user_blocks(num_users: int, batch_size: int) -> list[np.ndarray]:
+    """Users in blocks of `batch_size` consecutive ids: the forward passes of evaluation. The same
+    blocks on any number of ranks (and in `cllm4rec recommend`) give bitwise the same scores."""
+    return [np.arange(start, min(start + batch_size, num_users)) for start in range(0, num_users, batch_size)]
+
+
+@torch.no_grad()
+def rank_block(model, collator: Collator, train_csr, users: np.ndarray, k: int = TOP_K) -> np.ndarray:
+    """Top-k items (train items excluded) of each user of one block, shape (len(users), k)."""
+    history = csr_rows(train_csr, users)
+    scores = model("score", collator.score(users.tolist(), [h.tolist() for h in history]))["scores"]
+    return topk_excluding(scores, history, k).cpu().numpy()
+
+
 @torch.no_grad()
 def rank_users(engine, collator: Collator, train_csr, batch_size: int, k: int = TOP_K) -> np.ndarray:
     """Top-k items (train items excluded) for every user, shape (num_users, k), on every rank.
 
-    Every rank runs the same number of forward passes (ZeRO-3 gathers parameters with
-    collectives), so the last rank's share is padded with repeats that are then dropped.
+    Rank r scores blocks r, r+W, ... (see user_blocks). Every rank runs the same number of
+    forward passes (ZeRO-3 gathers parameters with collectives): a rank short of a block
+    scores one again and drops the result.
     """
     rank, world = dist.get_rank(), dist.get_world_size()
-    num_users = train_csr.shape[0]
-    per_rank = -(-num_users // world)
-    mine = np.arange(rank * per_rank, min((rank + 1) * per_rank, num_users))
-    padded = np.resize(mine, per_rank) if len(mine) else np.zeros(per_rank, dtype=np.int64)
+    blocks = user_blocks(train_csr.shape[0], batch_size)
+    mine = list(range(rank, len(blocks), world))
+    rounds = -(-len(blocks) // world)
     was_training = engine.training
     engine.eval()
-    tops = []
-    for start in tqdm(range(0, per_rank, batch_size), desc="ranking users", disable=rank != 0, leave=False):
-        users = padded[start:start + batch_size]
-        history = csr_rows(train_csr, users)
-        scores = engine("score", collator.score(users.tolist(), [h.tolist() for h in history]))["scores"]
-        tops.append(topk_excluding(scores, history, k).cpu().numpy())
+    tops = {}
+    for i in tqdm(range(rounds), desc="ranking users", disable=rank != 0, leave=False):
+        block = mine[i] if i < len(mine) else (mine[-1] if mine else 0)
+        top = rank_block(engine, collator, train_csr, blocks[block], k)
+        if i < len(mine):
+            tops[block] = top
     if was_training:
         engine.train()
-    local = np.concatenate(tops)[: len(mine)]
     gathered = [None] * world
-    dist.all_gather_object(gathered, local)
-    return np.concatenate(gathered)
+    dist.all_gather_object(gathered, tops)
+    merged = {b: top for part in gathered for b, top in part.items()}
+    return np.concatenate([merged[b] for b in range(len(blocks))])
 
 
 def write_recommendations(topk: np.ndarray, path: Path) -> None:

@@ -65,7 +65,7 @@ def main(cfg: Config) -> Path:
                                                 "best": None, "history": []}
 
     if state:
-        log.info("resuming at %s step %d", "finetune {} {}".format(*phases[progress["phase_index"]])
+        log.info("resuming at %s step %d", "finetune {} {}".format(phases[progress["phase_index"]][0] + 1, phases[progress["phase_index"]][1])
                  if progress["phase_index"] < len(phases) else "the end", progress["next_step"])
 
     # ----- train, selecting on validation -----
@@ -80,11 +80,11 @@ def main(cfg: Config) -> Path:
                 raise RuntimeError(f"{resume_from}: its reader state and progress disagree; use an earlier checkpoint")
             start_step, loss_sum = progress["next_step"], progress["loss_sum"]
 
-        def after_step(next_step: int, loss_sum: float, number=number, epoch=epoch, reader=reader):
-            if checkpoints.due(train_log.step) and next_step < reader.steps_per_epoch:
-                checkpoints.save(train_log.step, {"phase_index": number, "next_step": next_step, "loss_sum": loss_sum,
-                                                  "best": best, "history": history},
-                                 reader.state(epoch, next_step, cfg.data.num_workers))
+        def after_step(next_step: int, loss_sum: float, epoch_steps: int, number=number, epoch=epoch, reader=reader):
+            checkpoints.after_step(train_log.step, next_step, epoch_steps,
+                                   lambda: {"phase_index": number, "next_step": next_step, "loss_sum": loss_sum,
+                                            "best": best, "history": history},
+                                   lambda: reader.state(epoch, next_step, cfg.data.num_workers))
 
         train_epoch(engine, optimizer, reader, batchers[phase], phase, "collab" if phase == "rec" else "content",
                     epoch, f"finetune {epoch + 1} {phase}", train_log, f.max_steps_per_epoch, start_step, loss_sum,
@@ -100,8 +100,8 @@ def main(cfg: Config) -> Path:
                 best = {"epoch": epoch, **val}
                 # ----- save (the best epoch so far) -----
                 save_model_state(engine.module, out_dir, rank)
-        checkpoints.save(train_log.step, {"phase_index": number + 1, "next_step": 0, "loss_sum": 0.0,
-                                          "best": best, "history": history}, None)
+        checkpoints.epoch_end(train_log.step, {"phase_index": number + 1, "next_step": 0, "loss_sum": 0.0,
+                                               "best": best, "history": history})
     train_log.close()
     if rank == 0:
         (out_dir / "selection.json").write_text(json.dumps({"metric": f.select_metric, "best": best,

@@ -83,7 +83,7 @@ def train_epoch(engine, optimizer: AlternatingAdamW, reader, make_batch, task: s
     """Steps [start_step, end) of `reader`'s epoch; only `model_name`'s parameters are updated.
 
     Batches are built by `make_batch` in `num_workers` DataLoader workers. `after_step(next_step,
-    loss_sum)` runs after every step (checkpoints). `loss_sum`: the summed losses of the steps
+    loss_sum, epoch_steps)` runs after every step (checkpoints). `loss_sum`: the summed losses of the steps
     before `start_step` (when resuming). Returns the mean loss over the epoch (averaged over ranks).
     """
     engine.train()
@@ -107,7 +107,7 @@ def train_epoch(engine, optimizer: AlternatingAdamW, reader, make_batch, task: s
                    "docs": len(docs) * dist.get_world_size(), "data_s": round(start - waited, 4),
                    "step_s": round(time.perf_counter() - start, 4)}, bar, docs)
         if after_step is not None:
-            after_step(step + 1, total)
+            after_step(step + 1, total, steps)
         waited = time.perf_counter()
     bar.close()
     return total / max(1, steps)

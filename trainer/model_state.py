@@ -25,7 +25,7 @@ from model.cllm4rec import CLLM4Rec
 TABLES = "id_tables.safetensors"
 
 
-def _gathered(params: list, modifier_rank: int | None = None):
+def gathered_params(params: list, modifier_rank: int | None = None):
     if any(hasattr(p, "ds_id") for p in params):
         import deepspeed
 
@@ -36,7 +36,7 @@ def _gathered(params: list, modifier_rank: int | None = None):
 def trainable_state(model: CLLM4Rec) -> dict[str, torch.Tensor]:
     """Full CPU fp32 copies of every trainable parameter. Collective under ZeRO-3: call on all ranks."""
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    with _gathered(list(named.values())):
+    with gathered_params(list(named.values())):
         return {n: p.detach().float().cpu().clone() for n, p in named.items()}
 
 
@@ -82,7 +82,7 @@ def load_model_state(model: CLLM4Rec, state_dir: Path) -> None:
     missing = sorted(set(params) - set(values))
     if missing:
         raise KeyError(f"{state_dir}: no saved values for {len(missing)} parameters, e.g. {missing[:3]}")
-    with _gathered(list(params.values()), modifier_rank=0), torch.no_grad():
+    with gathered_params(list(params.values()), modifier_rank=0), torch.no_grad():
         for name, param in params.items():
             if param.shape != values[name].shape:
                 raise ValueError(f"{state_dir}: {name} has shape {tuple(values[name].shape)}, "

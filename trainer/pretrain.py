@@ -74,19 +74,19 @@ def main(cfg: Config) -> Path:
                 raise RuntimeError(f"{resume_from}: its reader state and progress disagree; use an earlier checkpoint")
             start_step, loss_sum = progress["next_step"], progress["loss_sum"]
 
-        def after_step(next_step: int, loss_sum: float, number=number, kind=kind, epoch=epoch, reader=reader):
-            if checkpoints.due(train_log.step) and next_step < reader.steps_per_epoch:
-                checkpoints.save(train_log.step, {"plan_index": number, "next_step": next_step, "loss_sum": loss_sum,
-                                                  "epochs_done": epochs_done},
-                                 reader.state(epoch, next_step, cfg.data.num_workers))
+        def after_step(next_step: int, loss_sum: float, epoch_steps: int, number=number, epoch=epoch, reader=reader):
+            checkpoints.after_step(train_log.step, next_step, epoch_steps,
+                                   lambda: {"plan_index": number, "next_step": next_step, "loss_sum": loss_sum,
+                                            "epochs_done": epochs_done},
+                                   lambda: reader.state(epoch, next_step, cfg.data.num_workers))
 
         mean = train_epoch(engine, optimizer, reader, batchers[kind], kind, kind, epoch,
                            f"pretrain {number + 1} {kind}", train_log, p.max_steps_per_epoch, start_step, loss_sum,
                            cfg.data.num_workers, after_step)
         log.info("%s epoch %d: mean loss %.4f", kind, epoch, mean)
         epochs_done[kind] += 1
-        checkpoints.save(train_log.step, {"plan_index": number + 1, "next_step": 0, "loss_sum": 0.0,
-                                          "epochs_done": epochs_done}, None)
+        checkpoints.epoch_end(train_log.step, {"plan_index": number + 1, "next_step": 0, "loss_sum": 0.0,
+                                               "epochs_done": epochs_done})
     train_log.close()
 
     # ----- save -----

@@ -1,0 +1,143 @@
+"""Inference bundles: `cllm4rec export` writes one, `cllm4rec recommend` serves top-k items from it.
+
+A bundle holds what the trained model adds to its frozen base, in plain formats::
+
+    bundle/
+        adapters/collab/, adapters/content/   PEFT LoRA adapters (LoRA mode)
+        id_tables.safetensors                 collab_user, collab_item, content_user, content_item
+        model_state.json                      users, items, vocabulary and hidden size, LoRA on/off
+        tokenizer/                            the base tokenizer files + id_tokens.json (the ID token layout)
+        config.json                           the run's resolved config (model.base_dir: the frozen base)
+        train.npz                             users' train items: the prompts, and what is never recommended
+        id_maps/                              (when the shards have them) the original user and item ids
+
+It loads with transformers + peft alone (no DeepSpeed): ``AutoModelForCausalLM.from_pretrained
+(base)`` then ``PeftModel.from_pretrained(model, "bundle/adapters/collab")``; this module does
+that, plus the ID tables. Users are scored in the evaluate stage's blocks (evaluate.user_blocks),
+so `recommend` reproduces `recommendations.jsonl` exactly.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from trainer.batching import Collator
+from trainer.config import Config, config_from_dict
+
+log = logging.getLogger("cllm4rec")
+
+
+def _config_of(source: Path) -> dict:
+    """The resolved config of a stage output folder (config.json) or a training checkpoint."""
+    if (source / "trainer_state.json").is_file():
+        return json.loads((source / "trainer_state.json").read_text())["config"]
+    if (source / "config.json").is_file():
+        return json.loads((source / "config.json").read_text())
+    raise FileNotFoundError(f"{source}: neither a stage output folder (config.json + model_state.json) nor a "
+                            "training checkpoint (trainer_state.json); point --from at one")
+
+
+def _plain_model(cfg: Config, num_users: int, num_items: int):
+    """The model as the recipes build it, without DeepSpeed (no ZeRO: an empty DeepSpeed config)."""
+    from trainer.engine import build_model
+
+    return build_model(cfg, {}, num_users, num_items)
+
+
+def export(source, output, overwrite: bool = False) -> Path:
+    """Write a bundle (module docstring) from a stage output folder or a training checkpoint."""
+    from data_shards.reader import load_index
+    from trainer.model_state import load_model_state, save_model_state
+
+    source, output = Path(source), Path(output)
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise FileExistsError(f"{output} is not empty; pass --overwrite or choose another folder")
+    cfg = config_from_dict(_config_of(source), str(source))
+    index = load_index(cfg.data.shards)
+    model, tokenizer = _plain_model(cfg, index["num_users"], index["num_items"])
+    if (source / "trainer_state.json").is_file():
+        _load_checkpoint_params(model, source)
+    else:
+        load_model_state(model, source)
+    if output.exists():
+        shutil.rmtree(output)
+    save_model_state(model, output, rank=0)
+    tokenizer.base.save_pretrained(str(output / "tokenizer"))
+    (output / "tokenizer" / "id_tokens.json").write_text(json.dumps({
+        "user_token": "user_<u>", "item_token": "item_<i>", "first_user_id": tokenizer.user_offset,
+        "first_item_id": tokenizer.item_offset, "num_users": tokenizer.num_users, "num_items": tokenizer.num_items,
+        "split_pattern": r"(user_\d+|item_\d+)"}, indent=2))
+    (output / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    shutil.copy(Path(cfg.data.shards) / "splits" / "train.npz", output / "train.npz")
+    if (Path(cfg.data.shards) / "id_maps").is_dir():
+        shutil.copytree(Path(cfg.data.shards) / "id_maps", output / "id_maps")
+    log.info("exported %s to %s", source, output)
+    return output
+
+
+def _load_checkpoint_params(model, checkpoint: Path) -> None:
+    from safetensors.torch import load_file
+
+    saved = load_file(str(checkpoint / "trainable.safetensors"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                if f"param/{name}" not in saved:
+                    raise KeyError(f"{checkpoint}: no saved value for {name}; was it saved by another configuration?")
+                param.copy_(saved[f"param/{name}"])
+
+
+class Recommender:
+    """A bundle loaded for scoring, on the CPU (or the device given)."""
+
+    def __init__(self, bundle, base_dir: str | None = None):
+        from trainer.model_state import load_model_state
+
+        self.bundle = Path(bundle)
+        if not (self.bundle / "model_state.json").is_file():
+            raise FileNotFoundError(f"{self.bundle} is not a bundle (no model_state.json); make one with "
+                                    "`cllm4rec export`")
+        self.cfg = config_from_dict(json.loads((self.bundle / "config.json").read_text()), str(self.bundle),
+                                    [f"model.base_dir={base_dir}"] if base_dir else [])
+        meta = json.loads((self.bundle / "model_state.json").read_text())
+        self.model, tokenizer = _plain_model(self.cfg, meta["num_users"], meta["num_items"])
+        load_model_state(self.model, self.bundle)
+        self.model.eval()
+        self.train = sp.csr_matrix(sp.load_npz(self.bundle / "train.npz"), dtype=np.float32)
+        self.collator = Collator(tokenizer, self.cfg.run.seed, self.cfg.data.max_text_tokens, self.cfg.data.max_items)
+
+    def for_users(self, users: list[int], k: int, batch_size: int | None = None) -> dict[int, list[int]]:
+        """Top-k items of known users (train items excluded), scored in the evaluate stage's blocks."""
+        from trainer.evaluate import rank_block, user_blocks
+
+        num_users = self.train.shape[0]
+        bad = [u for u in users if not 0 <= u < num_users]
+        if bad:
+            raise ValueError(f"unknown user id(s) {bad[:5]}: this bundle has users 0..{num_users - 1}")
+        blocks = user_blocks(num_users, batch_size or self.cfg.evaluate.batch_size)
+        size = len(blocks[0])
+        out = {}
+        for b in sorted({u // size for u in users}):
+            top = rank_block(self.model, self.collator, self.train, blocks[b], k)
+            for row, user in enumerate(blocks[b]):
+                if int(user) in users:
+                    out[int(user)] = [int(i) for i in top[row] if i >= 0]
+        return out
+
+    @torch.no_grad()
+    def for_history(self, user: int, items: list[int], k: int) -> list[int]:
+        """Top-k items for a history passed in (scored with user `user`'s ID token), history excluded."""
+        from trainer.metrics import topk_excluding
+
+        num_items = self.train.shape[1]
+        bad = [i for i in items if not 0 <= i < num_items]
+        if bad:
+            raise ValueError(f"unknown item id(s) {bad[:5]}: this bundle has items 0..{num_items - 1}")
+        scores = self.model("score", self.collator.score([user], [items]))["scores"]
+        return [int(i) for i in topk_excluding(scores, [np.asarray(items, dtype=np.int64)], k)[0] if i >= 0]
