@@ -29,7 +29,7 @@ def launch(args, run_dir: Path, *extra: str) -> subprocess.Popen:
     overrides = [f"model.base_dir={args.base}", f"data.shards={args.shards}", f"run.dir={run_dir}",
                  f"run.save_every_steps={args.every}", "run.keep_checkpoints=100", "pretrain.content_warmup_epochs=1",
                  "pretrain.rounds=0", f"pretrain.max_steps_per_epoch={args.steps}", "run.log_every=1000",
-                 f"pretrain.content_batch_size={args.batch}", *extra]
+                 f"pretrain.content_batch_size={args.batch}", f"data.max_text_tokens={args.max_text_tokens}", *extra]
     log = open(run_dir.parent / f"{run_dir.name}.log", "a")
     return subprocess.Popen(["bash", "launch/pretrain.sh", "configs/beauty_bench.yaml", *overrides], cwd=REPO,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=4)
     ap.add_argument("--kill-at", type=int, default=6)
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--max-text-tokens", type=int, default=64)
     ap.add_argument("--out", default="runs/bench-checkpoint")
     args = ap.parse_args()
     if args.make_base:
@@ -82,9 +83,13 @@ def main() -> None:
     os.killpg(proc.pid, signal.SIGKILL)
     killed = time.perf_counter()
     proc.wait()
-    at = steps_logged(broken)
+    saved_at = (steps_logged(broken) // args.every) * args.every
+    # The resumed run drops the log lines after its checkpoint; dropping them here first lets
+    # the wait below see the first step it finishes.
+    log = broken / "pretrain" / "train_log.jsonl"
+    log.write_text("".join(log.read_text().splitlines(keepends=True)[:saved_at]))
     resumed = launch(args, broken, "run.resume=auto")
-    while steps_logged(broken) <= (at // args.every) * args.every:
+    while steps_logged(broken) <= saved_at:
         assert resumed.poll() is None, f"see {out}/broken.log"
         time.sleep(0.02)
     to_first_step = time.perf_counter() - killed
