@@ -120,6 +120,18 @@ class PreemptionWatch:
         return bool(flag)
 
 
+def resume_position(state: dict | None, number: int, reader, epoch: int) -> tuple[int, float]:
+    """(first step, summed loss of the steps before it) of entry `number` of a recipe's plan:
+    where a run resumed from `state` (trainer_state) continues; (0, 0.0) for a fresh entry."""
+    progress = state["progress"] if state else {}
+    if not state or number != progress["plan_index"] or not progress["next_step"]:
+        return 0, 0.0
+    if reader.resume_point(state["reader"]) != (epoch, progress["next_step"]):
+        raise RuntimeError(f"checkpoint of step {state['step']}: its reader state and progress disagree; "
+                           "resume from an earlier checkpoint (run.resume=<folder>)")
+    return progress["next_step"], progress["loss_sum"]
+
+
 class Checkpointer:
     """Saves a stage's training state every ``save_every_steps`` steps, at epoch ends and on
     preemption, and restores it when ``resume`` is "auto" (the newest usable checkpoint, if

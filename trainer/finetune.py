@@ -17,7 +17,7 @@ from pathlib import Path
 
 from data_shards.reader import load_index, load_split
 from trainer.batching import Collator
-from trainer.checkpoint import Checkpointer
+from trainer.checkpoint import Checkpointer, resume_position
 from trainer.config import Config
 from trainer.engine import (build_engine, build_model, init_distributed, load_ds_config, report_resources,
                             seed_everything, stream_reader)
@@ -61,28 +61,24 @@ def main(cfg: Config) -> Path:
     checkpoints = Checkpointer(engine, out_dir, cfg.run.save_every_steps, cfg.run.keep_checkpoints, cfg.to_dict())
     resume_from = checkpoints.find(cfg.run.resume)
     state = checkpoints.load(resume_from) if resume_from else None
-    progress = state["progress"] if state else {"phase_index": 0, "next_step": 0, "loss_sum": 0.0,
+    progress = state["progress"] if state else {"plan_index": 0, "next_step": 0, "loss_sum": 0.0,
                                                 "best": None, "history": []}
 
-    if state:
-        log.info("resuming at %s step %d", "finetune {} {}".format(phases[progress["phase_index"]][0] + 1, phases[progress["phase_index"]][1])
-                 if progress["phase_index"] < len(phases) else "the end", progress["next_step"])
+    if state and progress["plan_index"] < len(phases):
+        epoch, phase = phases[progress["plan_index"]]
+        log.info("resuming at finetune %d %s step %d", epoch + 1, phase, progress["next_step"])
 
     # ----- train, selecting on validation -----
     train_log = TrainLog(out_dir, rank, cfg.run.log_every, cfg.data.log_documents, state["step"] if state else 0)
     best, history = progress["best"], progress["history"]
-    for number in range(progress["phase_index"], len(phases)):
+    for number in range(progress["plan_index"], len(phases)):
         epoch, phase = phases[number]
         reader = readers[phase]
-        start_step, loss_sum = 0, 0.0
-        if number == progress["phase_index"] and progress["next_step"]:
-            if reader.resume_point(state["reader"]) != (epoch, progress["next_step"]):
-                raise RuntimeError(f"{resume_from}: its reader state and progress disagree; use an earlier checkpoint")
-            start_step, loss_sum = progress["next_step"], progress["loss_sum"]
+        start_step, loss_sum = resume_position(state, number, reader, epoch)
 
         def after_step(next_step: int, loss_sum: float, epoch_steps: int, number=number, epoch=epoch, reader=reader):
             checkpoints.after_step(train_log.step, next_step, epoch_steps,
-                                   lambda: {"phase_index": number, "next_step": next_step, "loss_sum": loss_sum,
+                                   lambda: {"plan_index": number, "next_step": next_step, "loss_sum": loss_sum,
                                             "best": best, "history": history},
                                    lambda: reader.state(epoch, next_step, cfg.data.num_workers))
 
@@ -100,7 +96,7 @@ def main(cfg: Config) -> Path:
                 best = {"epoch": epoch, **val}
                 # ----- save (the best epoch so far) -----
                 save_model_state(engine.module, out_dir, rank)
-        checkpoints.epoch_end(train_log.step, {"phase_index": number + 1, "next_step": 0, "loss_sum": 0.0,
+        checkpoints.epoch_end(train_log.step, {"plan_index": number + 1, "next_step": 0, "loss_sum": 0.0,
                                                "best": best, "history": history})
     train_log.close()
     if rank == 0:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from data_shards.reader import load_index
 from trainer.batching import Collator
-from trainer.checkpoint import Checkpointer
+from trainer.checkpoint import Checkpointer, resume_position
 from trainer.config import Config
 from trainer.engine import (build_engine, build_model, init_distributed, load_ds_config, report_resources,
                             seed_everything, stream_reader)
@@ -68,11 +68,7 @@ def main(cfg: Config) -> Path:
     for number in range(progress["plan_index"], len(plan)):
         kind = plan[number]
         epoch, reader = epochs_done[kind], readers[kind]
-        start_step, loss_sum = 0, 0.0
-        if number == progress["plan_index"] and progress["next_step"]:
-            if reader.resume_point(state["reader"]) != (epoch, progress["next_step"]):
-                raise RuntimeError(f"{resume_from}: its reader state and progress disagree; use an earlier checkpoint")
-            start_step, loss_sum = progress["next_step"], progress["loss_sum"]
+        start_step, loss_sum = resume_position(state, number, reader, epoch)
 
         def after_step(next_step: int, loss_sum: float, epoch_steps: int, number=number, epoch=epoch, reader=reader):
             checkpoints.after_step(train_log.step, next_step, epoch_steps,
