@@ -190,6 +190,14 @@ def _scan_with_tarfile(path: Path) -> tuple[list[str], list[int], list[int]]:
     return names, offsets, sizes
 
 
+def checked_members(path: Path, shard: dict) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """scan_members, also failing when the document count differs from the index entry."""
+    keys, offsets, sizes = scan_members(path)
+    if len(keys) != int(shard["num_docs"]):
+        raise ShardError(f"shard {path} holds {len(keys)} documents but index.json records {shard['num_docs']}")
+    return keys, offsets, sizes
+
+
 def shard_problem(path: Path, shard: dict, checksum: bool) -> str | None:
     """What is wrong with one shard file against its index entry, or None."""
     if not path.is_file():
@@ -200,11 +208,9 @@ def shard_problem(path: Path, shard: dict, checksum: bool) -> str | None:
     if size != int(shard["bytes"]):
         return f"shard {path} has {size} bytes but index.json records {shard['bytes']} (truncated or replaced)"
     try:
-        keys, _, _ = scan_members(path)
+        checked_members(path, shard)
     except ShardError as e:
         return str(e)
-    if len(keys) != int(shard["num_docs"]):
-        return f"shard {path} holds {len(keys)} documents but index.json records {shard['num_docs']}"
     if checksum and sha256_of(path) != shard["sha256"]:
         return f"shard {path}: sha256 differs from index.json (corrupted or replaced)"
     return None
@@ -230,12 +236,9 @@ class _OpenShards:
         if shard not in self.open:
             path = self.shard_dir / self.shards[shard]["path"]
             try:
-                keys, offsets, sizes = scan_members(path)
+                keys, offsets, sizes = checked_members(path, self.shards[shard])
             except ShardError as e:
                 raise ShardError(f"{e}; {_REBUILD}") from e
-            if len(keys) != int(self.shards[shard]["num_docs"]):
-                raise ShardError(f"shard {path} holds {len(keys)} documents but index.json records "
-                                 f"{self.shards[shard]['num_docs']}; {_REBUILD}")
             self.open[shard] = (os.open(path, os.O_RDONLY), keys, offsets, sizes)
         fd, keys, offsets, sizes = self.open[shard]
         raw = os.pread(fd, int(sizes[member]), int(offsets[member]))
@@ -290,7 +293,7 @@ class ShardReader:
         full, rest = divmod(self.num_docs, self.global_batch_size)
         self.steps_per_epoch: int = full + (1 if rest // self.world_size > 0 else 0)
         self.unused_per_epoch: int = rest % self.world_size if rest // self.world_size > 0 else rest
-        self._windows: dict[int, tuple[np.ndarray, list[np.ndarray]]] = {}
+        self._layout: tuple[int, tuple[np.ndarray, list[np.ndarray]]] | None = None  # (epoch, layout) cached
         self._window_key: tuple[int, int] | None = None  # the window whose permutation is cached
         self._window: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
@@ -309,12 +312,12 @@ class ShardReader:
 
     def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, list[np.ndarray]]:
         """(window start positions, per window: its shard indices in order)."""
-        if epoch not in self._windows:
+        if self._layout is None or self._layout[0] != epoch:
             order = self.shard_order(epoch)
             windows = [np.asarray(order[k:k + self.window_shards]) for k in range(0, len(order), self.window_shards)]
             sizes = [sum(int(self.shards[i]["num_docs"]) for i in w) for w in windows]
-            self._windows = {epoch: (np.cumsum([0] + sizes), windows)}
-        return self._windows[epoch]
+            self._layout = (epoch, (np.cumsum([0] + sizes), windows))
+        return self._layout[1]
 
     def locate(self, epoch: int, positions: np.ndarray) -> list[tuple[int, int]]:
         """(shard index, member index) of each global position of ``epoch`` (reads no data)."""
