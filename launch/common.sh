@@ -1,6 +1,15 @@
 # Shared by the launch scripts: environment and the deepspeed launcher call.
-# Environment knobs: NPROC (ranks on this node; default: GPUs, or 2 on a CPU-only machine),
-# MASTER_PORT (default: a free port), OMP_NUM_THREADS (default: cores / NPROC).
+# Environment knobs (one node): NPROC (ranks on this node; default: GPUs, or 2 on a CPU-only
+# machine), MASTER_PORT (default: a free port), OMP_NUM_THREADS (default: cores / NPROC).
+# Several nodes (see README, "Multi-node"):
+#   HOSTFILE     DeepSpeed hostfile, one "hostname slots=N" line per node
+#   NNODES       nodes to use (default: every host of HOSTFILE)
+#   LAUNCHER     pdsh (default: ssh from this node to every host), no_ssh (run this script on
+#                every node yourself, each with its NODE_RANK), openmpi (mpirun over HOSTFILE)
+#   NODE_RANK    this node's index in HOSTFILE (no_ssh only)
+#   MASTER_ADDR  address of the first node, reachable from all (required)
+#   MASTER_PORT  a port free on the first node (required with no_ssh: every node must agree)
+#   CLLM4REC_EXPORT  extra variable names to pass to every node
 
 # The deepspeed launcher and the ranks it starts must find this environment's python, ninja
 # and cllm4rec first, also when started from sbatch/pdsh with a different PATH.
@@ -12,30 +21,95 @@ fi
 if [ -z "${NPROC:-}" ]; then
   if [ "${DS_ACCELERATOR:-}" = cpu ]; then NPROC=2; else NPROC=$(nvidia-smi -L | wc -l); fi
 fi
+MASTER_PORT_GIVEN=${MASTER_PORT:-}
+export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
 if [ -z "${MASTER_PORT:-}" ]; then
   MASTER_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
 export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore::FutureWarning}
+# ZeRO-3 gathers and frees layer-sized buffers on every step. glibc's adaptive mmap threshold
+# then serves them from the heap, which fragments: on a 1B base on CPU each rank grew to 7 GB
+# instead of 3.2 GB. A fixed threshold hands such buffers back to the system when freed.
+export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-65536}
 
 # Exit status of a run stopped by SIGTERM/SIGUSR1 after saving a checkpoint: rerun with --resume auto.
 EXIT_PREEMPTED=75
 
-# launch STAGE CONFIG [key.sub=value ...] [--resume auto]
+# The deepspeed runner's arguments for this node: one node, or a hostfile-driven multi-node job.
+runner_args() {
+  if [ -z "${HOSTFILE:-}" ]; then
+    if [ "${NNODES:-1}" != 1 ]; then echo "NNODES=$NNODES needs HOSTFILE (one 'hostname slots=N' line per node)" >&2; return 2; fi
+    RUNNER_ARGS=(--num_gpus "$NPROC" --master_addr 127.0.0.1 --master_port "$MASTER_PORT")
+    return 0
+  fi
+  if [ ! -f "$HOSTFILE" ]; then echo "HOSTFILE=$HOSTFILE: file not found" >&2; return 2; fi
+  local hosts
+  hosts=$(grep -cE '^[^#[:space:]]+[[:space:]]+slots=[0-9]+' "$HOSTFILE" || true)
+  NNODES=${NNODES:-$hosts}
+  if [ "$hosts" -lt "$NNODES" ]; then echo "HOSTFILE=$HOSTFILE lists $hosts host(s) ('hostname slots=N' lines), NNODES=$NNODES" >&2; return 2; fi
+  if [ -z "${MASTER_ADDR:-}" ]; then echo "a multi-node launch needs MASTER_ADDR: the first node's address, reachable from every node" >&2; return 2; fi
+  case "${LAUNCHER:-pdsh}" in
+    pdsh)    RUNNER_ARGS=(--hostfile "$HOSTFILE" --launcher pdsh --num_nodes "$NNODES" --num_gpus "$NPROC") ;;
+    no_ssh)
+      if [ -z "${NODE_RANK:-}" ]; then echo "LAUNCHER=no_ssh needs NODE_RANK (0..$((NNODES - 1))) on every node" >&2; return 2; fi
+      if [ -z "${MASTER_PORT_GIVEN:-}" ]; then echo "LAUNCHER=no_ssh needs MASTER_PORT, the same on every node" >&2; return 2; fi
+      RUNNER_ARGS=(--hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" --num_nodes "$NNODES" --num_gpus "$NPROC") ;;
+    openmpi) RUNNER_ARGS=(--hostfile "$HOSTFILE" --launcher openmpi) ;;  # mpirun takes every slot of HOSTFILE
+    *) echo "LAUNCHER=$LAUNCHER: use pdsh, no_ssh or openmpi" >&2; return 2 ;;
+  esac
+  RUNNER_ARGS+=(--master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
+  write_deepspeed_env
+}
+
+# pdsh and mpirun start the ranks of other nodes with a bare environment: DeepSpeed passes on
+# what ./.deepspeed_env lists. Lines for other variables already in the file are kept.
+write_deepspeed_env() {
+  local names="PATH PYTHONPATH DS_ACCELERATOR OMP_NUM_THREADS PYTHONWARNINGS TOKENIZERS_PARALLELISM MALLOC_MMAP_THRESHOLD_ HF_HOME HF_HUB_OFFLINE MASTER_ADDR MASTER_PORT ${CLLM4REC_EXPORT:-}"
+  local tmp name
+  tmp=$(mktemp)
+  if [ -f .deepspeed_env ]; then
+    grep -vE "^($(echo $names | tr ' ' '|'))=" .deepspeed_env > "$tmp" || true
+  fi
+  for name in $names; do
+    if [ -n "${!name:-}" ]; then echo "$name=${!name}" >> "$tmp"; fi
+  done
+  mv "$tmp" .deepspeed_env
+}
+
+# launch STAGE [--hostfile F] [--num_nodes N] [--node_rank R] [--master_addr A] [--master_port P]
+#              [--launcher pdsh|openmpi] [--no_ssh] CONFIG [key.sub=value ...] [--resume auto]
+# The options before CONFIG are the deepspeed runner's, and set the variables above.
 # Preemption: a SIGTERM or SIGUSR1 sent to this process group (what Slurm and `kill -TERM -PGID`
 # do) reaches the ranks, which finish the step, save a checkpoint and
 # stop. This shell and the deepspeed runner ignore both signals so that they stay to report
 # the outcome; the runner would otherwise die at once and the launcher die of SIGUSR1.
 launch() {
-  local stage=$1 config=$2
-  shift 2
+  local stage=$1
+  shift
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --hostfile) HOSTFILE=$2; shift 2 ;;
+      --num_nodes) NNODES=$2; shift 2 ;;
+      --node_rank) NODE_RANK=$2; shift 2 ;;
+      --master_addr) MASTER_ADDR=$2; shift 2 ;;
+      --master_port) MASTER_PORT=$2; MASTER_PORT_GIVEN=$2; shift 2 ;;
+      --launcher) LAUNCHER=$2; shift 2 ;;
+      --no_ssh) LAUNCHER=no_ssh; shift ;;
+      --*) echo "launch/$stage.sh: unknown option $1 (options before CONFIG: --hostfile --num_nodes --node_rank --master_addr --master_port --launcher --no_ssh)" >&2; exit 2 ;;
+      *) break ;;
+    esac
+  done
+  if [ $# -lt 1 ]; then echo "usage: launch/$stage.sh [launcher options] CONFIG.yaml [key.sub=value ...]" >&2; exit 2; fi
+  local config=$1
+  shift
   if [ ! -f "$config" ]; then echo "launch/$stage.sh: config file '$config' not found" >&2; exit 2; fi
   CLLM4REC_STATUS_FILE=$(mktemp)
   export CLLM4REC_STATUS_FILE
   trap '' TERM USR1
   local status=0
-  deepspeed --num_gpus "$NPROC" --master_addr 127.0.0.1 --master_port "$MASTER_PORT" \
-    --module trainer.cli "$stage" --config "$config" "$@" || status=$?
+  runner_args || exit 2
+  deepspeed "${RUNNER_ARGS[@]}" --module trainer.cli "$stage" --config "$config" "$@" || status=$?
   if grep -q preempted "$CLLM4REC_STATUS_FILE"; then
     echo "launch/$stage.sh: preempted; a checkpoint was saved: rerun with --resume auto" >&2
     status=$EXIT_PREEMPTED

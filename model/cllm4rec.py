@@ -17,6 +17,11 @@ Loss scales (README, "The method"): LM terms are a SUM over the main-text tokens
 mutual regularization adds lambda_c/2 * ||z - sg(z_other)||^2 for each distinct user/item of
 the document. Both are averaged over the documents of the batch, so the per-document balance
 is the paper's and does not depend on how a global batch is split across ranks.
+
+Batches (trainer/batching.py) are either padded (one document per row, `attention_mask`) or
+packed (several documents per row, no `attention_mask`, `position_ids` restarting at 0 for each
+document). `doc_index` says which document each position belongs to (-1: padding), so losses
+are summed per document whatever the layout.
 """
 from __future__ import annotations
 
@@ -29,11 +34,101 @@ from torch import nn
 
 from model.lora import activate_adapter
 
-TASKS = ("collab", "content", "rec", "score")
+TASKS = ("collab", "content", "rec", "score", "topk")
 
 
-def chunks_needed(positions: int, chunk: int) -> int:
-    return max(1, -(-positions // chunk))
+class VocabCrossEntropy(torch.autograd.Function):
+    """Per-position cross-entropy of `hidden @ weight.T (+ bias)` against `targets`, for a FROZEN
+    output layer, `chunk` positions at a time.
+
+    The gradient with respect to `hidden` is computed in the forward pass, chunk by chunk, and
+    kept (positions x hidden size); backward only scales it. So at most one chunk of
+    vocabulary-wide logits ever exists, nothing vocabulary-wide is saved for backward, and the
+    frozen weight gets no gradient. Peak memory is chunk x vocabulary, whatever the number of
+    positions.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk: int):
+        if weight.requires_grad or (bias is not None and bias.requires_grad):
+            raise ValueError("VocabCrossEntropy is for a frozen output layer; the vocabulary head here requires grad")
+        losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden)
+        for start in range(0, hidden.shape[0], chunk):
+            h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            rows = torch.arange(len(t), device=t.device)
+            logits = F.linear(h, weight, bias).float()
+            picked = logits[rows, t]
+            top = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(top).exp_()  # in place: the chunk's one vocabulary-wide buffer
+            total = probs.sum(dim=-1, keepdim=True)
+            losses[start:start + chunk] = (top + total.log()).squeeze(-1) - picked
+            probs.div_(total)
+            probs[rows, t] -= 1.0  # d loss / d logits = softmax - one-hot
+            grad[start:start + chunk] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        (grad,) = ctx.saved_tensors
+        return (grad.float() * grad_losses.unsqueeze(-1)).to(grad.dtype), None, None, None, None
+
+
+class VocabLoss(nn.Module):
+    """VocabCrossEntropy against a frozen head, as a module of its own.
+
+    Under ZeRO-3 the head's parameters are registered as this module's external parameters, so
+    DeepSpeed gathers them for this module's forward (one all-gather per call, however many
+    chunks; the same on every rank) and releases them after it, and does not gather them for
+    every other forward pass of the model.
+    """
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk: int) -> torch.Tensor:
+        params = list(head.parameters(recurse=False))  # reading the list does not gather them
+        if any(hasattr(p, "ds_id") for p in params):
+            import deepspeed
+
+            for p in params:
+                deepspeed.zero.register_external_parameter(self, p)
+        return VocabCrossEntropy.apply(hidden, head.weight, getattr(head, "bias", None), targets, chunk)
+
+
+def _ordered_top(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best (score, id) pairs of each row, by score descending, ties to the lower id."""
+    by_id = torch.sort(ids, dim=1, stable=True).indices
+    scores, ids = scores.gather(1, by_id), ids.gather(1, by_id)
+    by_score = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    return scores.gather(1, by_score), ids.gather(1, by_score)
+
+
+def blocked_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, exclude_rows: torch.Tensor,
+                 exclude_cols: torch.Tensor, block: int) -> torch.Tensor:
+    """Top-k item ids of each row of `hidden` scored against `weight` (items x dim), the
+    (row, item) pairs given excluded (-inf), `block` items at a time.
+
+    Only rows x block scores exist at once, so memory does not grow with the number of items.
+    The result equals ranking the full score matrix by score descending, ties to the lower id
+    (trainer.metrics.topk_excluding); past the last item rows are padded with -1.
+    """
+    rows = hidden.shape[0]
+    block = block if block > 0 else max(1, weight.shape[0])
+    best_scores = torch.empty((rows, 0), dtype=torch.float32, device=hidden.device)
+    best_ids = torch.empty((rows, 0), dtype=torch.long, device=hidden.device)
+    for start in range(0, weight.shape[0], block):
+        scores = (hidden @ weight[start:start + block].t()).float()
+        inside = (exclude_cols >= start) & (exclude_cols < start + scores.shape[1])
+        scores[exclude_rows[inside], exclude_cols[inside] - start] = float("-inf")
+        keep = min(k, scores.shape[1])
+        # Every column scoring at least the keep-th best, so that ties are decided by id below.
+        kth = torch.topk(scores, keep, dim=1).values[:, -1:]
+        wide = int((scores >= kth).sum(dim=1).max())
+        cand = torch.topk(scores, wide, dim=1).indices
+        best_scores, best_ids = _ordered_top(torch.cat([best_scores, scores.gather(1, cand)], dim=1),
+                                             torch.cat([best_ids, cand + start], dim=1), k)
+    if best_ids.shape[1] < k:
+        best_ids = torch.cat([best_ids, best_ids.new_full((rows, k - best_ids.shape[1]), -1)], dim=1)
+    return best_ids
 
 
 class IDTable(nn.Module):
@@ -43,7 +138,14 @@ class IDTable(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(num_rows, dim) * init_std)
 
-    def forward(self, ids: torch.Tensor | None = None, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
+                top_k: dict | None = None) -> torch.Tensor:
+        """Rows of `ids`; or scores of `hidden` against every row; or, with `top_k` (k, block,
+        exclude_rows, exclude_cols: see blocked_topk), the best rows' ids without the full scores.
+        One call either way, so under ZeRO-3 one gather of the table."""
+        if hidden is not None and top_k is not None:
+            return blocked_topk(hidden, self.weight, top_k["k"], top_k["exclude_rows"], top_k["exclude_cols"],
+                                top_k["block"])
         if hidden is not None:
             return hidden @ self.weight.t()
         return F.embedding(ids, self.weight)
@@ -53,7 +155,9 @@ class IDTable(nn.Module):
 class LossConfig:
     lambda_c: float = 1.0  # mutual-regularization strength between collab and content tables
     lambda_l: float = 0.0  # optional Gaussian prior on the collab rows of each document
-    vocab_chunk: int = 1024  # positions per chunk of the vocabulary head's cross-entropy
+    # Positions per chunk of the vocabulary head's cross-entropy (VocabCrossEntropy). 0: the naive
+    # way, full-vocabulary logits of every position of the batch kept for backward (for comparison).
+    vocab_chunk: int = 1024
 
 
 class CLLM4Rec(nn.Module):
@@ -70,6 +174,7 @@ class CLLM4Rec(nn.Module):
             f"{model}_{kind}": IDTable(num_users if kind == "user" else num_items, dim, init_std)
             for model in ("collab", "content") for kind in ("user", "item")
         })
+        self.vocab_loss = VocabLoss()  # no parameters of its own
         if not self.lora:  # paper mode: only the ID tables train
             self.backbone.requires_grad_(False)
 
@@ -96,10 +201,21 @@ class CLLM4Rec(nn.Module):
         return torch.where(is_item, items, torch.where(is_user, users, vocab))
 
     def hidden_states(self, batch: dict, model: str) -> torch.Tensor:
+        """Last hidden states, (rows, width, dim). A packed batch has no attention_mask: transformers
+        then separates the documents of a row by their position ids (a block-diagonal causal mask
+        for sdpa / eager)."""
         self._use(model)
-        embeds = self.embed(batch["input_ids"], model)
-        out = self._hf().get_decoder()(inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=False)
-        return out.last_hidden_state
+        ids = batch["input_ids"]
+        embeds = self.embed(ids, model)
+        mask, positions = batch.get("attention_mask"), batch.get("position_ids")
+        rows, width = ids.shape
+        if mask is None and rows > 1 and getattr(self._hf().config, "_attn_implementation", "") == "flash_attention_2":
+            # flash-attn reads documents from position ids (varlen) only in a single row, so the
+            # packed rows are laid end to end; each row's padding tail is its own short sequence.
+            embeds, positions = embeds.reshape(1, rows * width, -1), positions.reshape(1, -1)
+        out = self._hf().get_decoder()(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                       use_cache=False)
+        return out.last_hidden_state.reshape(rows, width, -1)
 
     # ----- losses --------------------------------------------------------------------------------
     def mutual_regularization(self, batch: dict, model: str) -> torch.Tensor:
@@ -122,60 +238,75 @@ class CLLM4Rec(nn.Module):
                 total = total + self.loss_cfg.lambda_l / 2 * (mine.pow(2).sum(-1) * valid).sum()
         return total
 
-    def _main_positions(self, hidden: torch.Tensor, targets: torch.Tensor):
-        keep = targets >= 0
-        return hidden[keep], targets[keep]
+    @staticmethod
+    def _per_document(values: torch.Tensor, docs_of_values: torch.Tensor, docs: int) -> torch.Tensor:
+        return torch.zeros(docs, dtype=values.dtype, device=values.device).index_add(0, docs_of_values, values)
 
-    def collab_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Item-head LM loss: every main-text token is an item, scored against the J items only."""
-        h, t = self._main_positions(hidden, targets)
-        logits = self.tables["collab_item"](hidden=h).float()
-        return F.cross_entropy(logits, t, reduction="sum")
+    def collab_nll(self, hidden: torch.Tensor, batch: dict, docs: int) -> torch.Tensor:
+        """Item-head LM loss per document: every main-text token is an item, scored against the
+        J items only."""
+        keep = batch["targets"] >= 0
+        logits = self.tables["collab_item"](hidden=hidden[keep]).float()
+        losses = F.cross_entropy(logits, batch["targets"][keep], reduction="none")
+        return self._per_document(losses, batch["doc_index"][keep], docs)
 
-    def content_nll(self, hidden: torch.Tensor, targets: torch.Tensor, num_chunks: int | None = None) -> torch.Tensor:
-        """Vocabulary-head LM loss over main-text positions, in chunks of `vocab_chunk` positions
-        so that only one chunk of full-vocabulary logits exists at a time in the forward pass.
+    def content_nll(self, hidden: torch.Tensor, batch: dict, docs: int) -> torch.Tensor:
+        """Vocabulary-head LM loss per document over the main-text positions.
 
-        Under ZeRO-3 each call of the head gathers its weight, so all ranks must make the same
-        number of calls: a distributed caller passes `num_chunks`, the largest count over ranks
-        (extra chunks are empty).
+        With loss.vocab_chunk > 0, VocabCrossEntropy: one chunk of vocabulary-wide logits at a
+        time and none kept for backward. Under ZeRO-3 the head is gathered once per call
+        (VocabLoss), whatever the number of chunks, so ranks with different batches stay in step.
+        vocab_chunk = 0 is the naive way, kept for comparison: the head on every position of
+        the batch, padding included, as a causal LM's forward does.
         """
-        h, t = self._main_positions(hidden, targets)
-        chunk = self.loss_cfg.vocab_chunk
-        if num_chunks is None:
-            num_chunks = chunks_needed(len(t), chunk)
+        targets, doc_index = batch["targets"], batch["doc_index"]
         head = self._hf().get_output_embeddings()
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for k in range(num_chunks):
-            h_k, t_k = h[k * chunk:(k + 1) * chunk], t[k * chunk:(k + 1) * chunk]
-            total = total + F.cross_entropy(head(h_k).float(), t_k, reduction="sum")
-        return total
+        keep = targets >= 0
+        if self.loss_cfg.vocab_chunk <= 0:
+            logits = head(hidden).float()
+            losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
+            return self._per_document(losses[keep.flatten()], doc_index[keep], docs)
+        losses = self.vocab_loss(hidden[keep], targets[keep], head, self.loss_cfg.vocab_chunk)
+        return self._per_document(losses, doc_index[keep], docs)
 
     def last_prompt_hidden(self, batch: dict, model: str) -> torch.Tensor:
+        """Each document's last position; `last_index` indexes the flattened (rows x width) batch."""
         hidden = self.hidden_states(batch, model)
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return hidden[rows, batch["last_index"]]
+        return hidden.flatten(0, 1)[batch["last_index"]]
 
     def item_scores(self, batch: dict) -> torch.Tensor:
-        """Rec head: last prompt state against every item (tied to the collab item table)."""
+        """Rec head: last prompt state against every item (tied to the collab item table), one
+        matrix product for the whole batch."""
         return self.tables["collab_item"](hidden=self.last_prompt_hidden(batch, "collab")).float()
+
+    def top_items(self, batch: dict) -> torch.Tensor:
+        """The rec head's top `k` items per document, the (exclude_rows, exclude_cols) pairs left
+        out, scored `item_block` items at a time (blocked_topk)."""
+        hidden = self.last_prompt_hidden(batch, "collab")
+        query = {"k": int(batch["k"]), "block": int(batch.get("item_block", 0)),
+                 "exclude_rows": batch["exclude_rows"], "exclude_cols": batch["exclude_cols"]}
+        return self.tables["collab_item"](hidden=hidden, top_k=query)
 
     # ----- the one entry point -------------------------------------------------------------------
     def forward(self, task: str, batch: dict) -> dict:
-        docs = batch["input_ids"].shape[0]
+        """`doc_nll`: each document's LM (or rec) loss, the same whether the batch is packed or not."""
+        if task == "score":
+            return {"scores": self.item_scores(batch)}
+        if task == "topk":
+            return {"items": self.top_items(batch)}
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+        docs = batch["reg_users"].shape[0]
         if task == "collab":
-            nll = self.collab_nll(self.hidden_states(batch, "collab"), batch["targets"])
+            doc_nll = self.collab_nll(self.hidden_states(batch, "collab"), batch, docs)
             reg = self.mutual_regularization(batch, "collab")
         elif task == "content":
-            nll = self.content_nll(self.hidden_states(batch, "content"), batch["targets"], batch.get("vocab_chunks"))
+            doc_nll = self.content_nll(self.hidden_states(batch, "content"), batch, docs)
             reg = self.mutual_regularization(batch, "content")
-        elif task == "rec":
-            logits = self.item_scores(batch)
-            target = batch["rec_targets"]
-            nll = -(target * F.log_softmax(logits, dim=-1)).sum()
-            reg = self.mutual_regularization(batch, "collab")
-        elif task == "score":
-            return {"scores": self.item_scores(batch)}
         else:
-            raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-        return {"loss": (nll + reg) / docs, "nll": nll.detach() / docs, "reg": reg.detach() / docs}
+            logits = self.item_scores(batch)
+            doc_nll = -(batch["rec_targets"] * F.log_softmax(logits, dim=-1)).sum(dim=-1)
+            reg = self.mutual_regularization(batch, "collab")
+        nll = doc_nll.sum()
+        return {"loss": (nll + reg) / docs, "nll": nll.detach() / docs, "reg": reg.detach() / docs,
+                "doc_nll": doc_nll.detach()}

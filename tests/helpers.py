@@ -45,7 +45,8 @@ def docs_content():
 def write_tiny_checkpoint(out: Path) -> Path:
     from trainer.backbone import write_tiny_llama
 
-    return write_tiny_llama(str(out), tiny_tokenizer())
+    # Several safetensors files and an index, as real bases come: loading reads them file by file.
+    return write_tiny_llama(str(out), tiny_tokenizer(), max_shard_size="100KB")
 
 
 def launcher_env(**extra) -> dict:
@@ -54,3 +55,29 @@ def launcher_env(**extra) -> dict:
     inherited = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in inherited}
     return env | {"DS_ACCELERATOR": "cpu", **extra}
+
+
+class FixedReader:
+    """Stands in for a ShardReader: the given document lists, one per step."""
+
+    def __init__(self, batches):
+        self.batches = batches
+        self.steps_per_epoch = len(batches)
+
+    def loader(self, epoch, start_step, stop_step, transform, num_workers):
+        for step in range(start_step, stop_step):
+            yield step, self.batches[step], transform(self.batches[step], epoch)
+
+
+def toy_engine(base_dir, shards, *overrides: str):
+    """(engine, optimizer, ID tokenizer) of CLLM4Rec on a tiny base for 40 users and 30 items:
+    the quick-start config with `overrides`, 4 documents per rank."""
+    from trainer.config import load_config
+    from trainer.engine import build_engine, build_model, load_ds_config
+    from trainer.optim import AlternatingAdamW, param_groups
+
+    cfg = load_config("configs/quickstart.yaml", [f"model.base_dir={base_dir}", f"data.shards={shards}", *overrides])
+    ds_config = load_ds_config(cfg.run.deepspeed, 4)
+    model, tok = build_model(cfg, ds_config, 40, 30)
+    optimizer = AlternatingAdamW(param_groups(model, 0.0), lr=0.01)
+    return build_engine(model, ds_config, optimizer), optimizer, tok

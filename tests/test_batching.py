@@ -12,8 +12,9 @@ def _setup(**kw):
 
 
 def _row(batch, r):
-    n = int(batch["attention_mask"][r].sum())
-    return batch["input_ids"][r, :n].tolist(), batch["targets"][r, :n].tolist()
+    """Document r's tokens and targets, whatever the layout (packed or padded)."""
+    mine = batch["doc_index"] == r
+    return batch["input_ids"][mine].tolist(), batch["targets"][mine].tolist()
 
 
 def test_collab_document_prompt_items_and_targets():
@@ -32,7 +33,7 @@ def test_collab_document_prompt_items_and_targets():
         assert targets[-1] == -1
         assert batch["reg_users"][r] == doc["user"]
         assert [i for i in batch["reg_items"][r].tolist() if i >= 0] == sorted(doc["items"])
-    assert torch.all(batch["targets"][batch["attention_mask"] == 0] == -1)
+    assert torch.all(batch["targets"][batch["doc_index"] < 0] == -1)
 
 
 def test_item_order_is_reshuffled_each_epoch_but_seeded():
@@ -61,13 +62,13 @@ def test_rec_prompt_masks_a_fifth_of_the_items_and_targets_them():
     docs = [{"user": 3, "items": list(range(10)), "pos": 0}, {"user": 2, "items": [4], "pos": 1}]
     batch = col.rec(docs, epoch=0)
     for r, doc in enumerate(docs):
-        n = int(batch["attention_mask"][r].sum())
-        ids = batch["input_ids"][r, :n].tolist()
+        ids = batch["input_ids"][batch["doc_index"] == r].tolist()
         history = {t - tok.item_offset for t in ids if t >= tok.item_offset}
         heldout = set(torch.nonzero(batch["rec_targets"][r]).flatten().tolist())
         assert len(heldout) == max(1, len(doc["items"]) // 5)
         assert not history & heldout and history | heldout == set(doc["items"])
-        assert batch["last_index"][r] == n - 1
+        last = int(batch["last_index"][r])
+        assert batch["doc_index"].flatten()[last] == r and batch["input_ids"].flatten()[last] == ids[-1]
         assert tok.decode(ids).endswith(f", user_{doc['user']} will interact with")
     assert batch["rec_targets"].shape == (2, 12)
     other_epoch = col.rec(docs, epoch=1)["rec_targets"]

@@ -61,7 +61,7 @@ def test_prompt_kv_cache_then_main_text_equals_single_masked_pass():
     single = model("content", batch)["nll"].item()
 
     prompt_len = int((batch["targets"][0] >= 0).nonzero()[0]) + 1  # the prompt's last position predicts first
-    ids = batch["input_ids"][:, : int(batch["attention_mask"].sum())]
+    ids = batch["input_ids"][batch["doc_index"] >= 0].unsqueeze(0)
     decoder, head = model._hf().get_decoder(), model._hf().get_output_embeddings()
     with torch.no_grad():
         first = decoder(inputs_embeds=model.embed(ids[:, :prompt_len], "content"), use_cache=True)

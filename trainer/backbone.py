@@ -7,6 +7,7 @@ the same `load_backbone` path a real checkpoint takes.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from pathlib import Path
 
@@ -28,10 +29,12 @@ def check_base_dir(base_dir: str) -> Path:
     return path
 
 
-def choose_attention(requested: str) -> str:
+def choose_attention(requested: str, dtype=torch.float32) -> str:
+    """auto: flash-attn 2 where it can run (CUDA, the package importable, bf16/fp16), else SDPA."""
     if requested != "auto":
         return requested
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+    if (torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+            and dtype in (torch.bfloat16, torch.float16)):
         return "flash_attention_2"
     return "sdpa"
 
@@ -43,19 +46,113 @@ def load_tokenizer(base_dir: str):
     return tokenizer
 
 
-def load_backbone(base_dir: str, attn_implementation: str = "auto", dtype=torch.float32):
+def load_backbone(base_dir: str, attn_implementation: str = "auto", dtype=torch.float32,
+                  zero3_config: dict | None = None, quantization: str = "none"):
     """The frozen base: any AutoModelForCausalLM in a local directory.
 
-    Under ZeRO-3 the caller keeps an `HfDeepSpeedConfig` alive before this call, so that
-    transformers builds the model inside `deepspeed.zero.Init` and every rank only ever
-    holds its partition of the weights.
+    zero3_config: the DeepSpeed config of a ZeRO-3 run. The model is then built inside
+    `deepspeed.zero.Init` and every rank reads only its own partition of each weight from the
+    safetensors files (see load_partitioned), so no rank ever holds the whole base.
+    quantization="nf4": the base's linear layers are loaded in 4-bit with bitsandbytes (QLoRA);
+    every rank holds the whole 4-bit base, which ZeRO does not partition.
     """
-    attention = choose_attention(attn_implementation)
-    log.info("attention implementation: %s (requested %s)", attention, attn_implementation)
-    model = AutoModelForCausalLM.from_pretrained(check_base_dir(base_dir), attn_implementation=attention, dtype=dtype)
+    attention = choose_attention(attn_implementation, dtype)
+    log.info("attention implementation: %s (requested %s; flash-attn is used when importable on a GPU in "
+             "bf16/fp16, SDPA otherwise)", attention, attn_implementation)
+    path = check_base_dir(base_dir)
+    if quantization == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        four_bit = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                                      bnb_4bit_quant_storage=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attention, dtype=dtype,
+                                                     quantization_config=four_bit)
+        log.info("base loaded in 4-bit nf4 (bitsandbytes), compute dtype %s", dtype)
+    elif zero3_config is not None and _safetensors_weight_map(path) is not None:
+        model = load_partitioned(path, attention, dtype, zero3_config)
+    else:
+        if zero3_config is not None:
+            log.warning("%s has no safetensors weights: transformers loads the checkpoint whole on rank 0 and "
+                        "scatters it (convert it with save_pretrained to load partitioned)", path)
+            from transformers.integrations import HfDeepSpeedConfig
+
+            keep_alive = HfDeepSpeedConfig(zero3_config)  # noqa: F841  (read by from_pretrained)
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attention, dtype=dtype)
     model.requires_grad_(False)
     model.config.use_cache = False
     return model, attention
+
+
+def _safetensors_weight_map(path: Path) -> dict[str, Path] | None:
+    """Parameter name -> safetensors file, for a single-file or sharded (index.json) checkpoint."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: path / file for name, file in weight_map.items()}
+    single = path / "model.safetensors"
+    if single.is_file():
+        from safetensors import safe_open
+
+        with safe_open(single, framework="pt") as f:
+            return {name: single for name in f.keys()}
+    return None
+
+
+def load_partitioned(path: Path, attention: str, dtype, zero3_config: dict):
+    """Build the model under `deepspeed.zero.Init`, then fill each rank's partitions from disk.
+
+    transformers' own ZeRO-3 loading has rank 0 map every checkpoint file and scatter each layer,
+    so rank 0 touches the whole base. Here each rank reads, per weight, only the rows that
+    cover its own slice of the flattened tensor, which is how ZeRO-3 lays partitions out
+    (rank r holds elements [r*p, (r+1)*p) of the flat weight, p = ds_tensor.ds_numel).
+    """
+    import deepspeed
+    from safetensors import safe_open
+    from transformers import AutoConfig
+    from transformers.initialization import no_init_weights
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import prevent_arange_dtype_change
+    from transformers.modeling_utils import set_zero3_state
+
+    weight_map = _safetensors_weight_map(path)
+    keep_alive = HfDeepSpeedConfig(zero3_config)  # noqa: F841  (transformers reads it while building)
+    with no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=zero3_config), \
+            set_zero3_state():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), attn_implementation=attention,
+                                                 dtype=dtype)
+    params = dict(model.named_parameters())
+    prefix = f"{model.base_model_prefix}."
+    stored_name = {name: name if name in weight_map else name.removeprefix(prefix) for name in params}
+    missing = [name for name, stored in stored_name.items() if stored not in weight_map]
+    if missing:
+        raise KeyError(f"{path}: the safetensors checkpoint lacks {len(missing)} weight(s) of the model, e.g. "
+                       f"{missing[:3]}; re-save it with save_pretrained, or use a ZeRO-2 config")
+    by_file: dict[Path, list[str]] = {}
+    for name, stored in stored_name.items():
+        by_file.setdefault(weight_map[stored], []).append(name)
+    for file, names in sorted(by_file.items()):
+        with safe_open(file, framework="pt") as f:
+            for name in names:
+                _fill_partition(params[name], f.get_slice(stored_name[name]), f"{file.name}:{stored_name[name]}")
+    log.info("base loaded partitioned (ZeRO-3) from %d safetensors file(s), %s", len(by_file), dtype)
+    return model
+
+
+def _fill_partition(param, stored, where: str) -> None:
+    shape = tuple(stored.get_shape())
+    if shape != tuple(param.ds_shape):
+        raise ValueError(f"{where}: shape {shape} in the checkpoint, {tuple(param.ds_shape)} in the model config")
+    numel, part = param.ds_numel, param.ds_tensor.ds_numel
+    start = part * torch.distributed.get_rank(group=param.ds_process_group)
+    end = min(start + part, numel)
+    if start >= end:
+        return
+    row = max(1, numel // shape[0]) if shape else 1
+    first, last = start // row, -(-end // row)
+    rows = stored[first:last] if shape else stored[:]
+    flat = rows.reshape(-1)[start - first * row: end - first * row]
+    with torch.no_grad():
+        param.ds_tensor[: end - start].copy_(flat)
 
 
 def train_bpe_tokenizer(texts, vocab_size: int = 4000) -> PreTrainedTokenizerFast:
@@ -84,8 +181,10 @@ def real_tokenizer(tokenizers_dir: Path, name: str) -> PreTrainedTokenizerFast:
     raise ValueError(f"unknown tokenizer {name!r}: use llama2, gpt2 or train")
 
 
-def write_tiny_llama(out_dir: str, tokenizer: PreTrainedTokenizerFast, seed: int = 0, **overrides) -> Path:
-    """A randomly initialised LLaMA with `tokenizer`, saved as a normal checkpoint directory."""
+def write_tiny_llama(out_dir: str, tokenizer: PreTrainedTokenizerFast, seed: int = 0, max_shard_size: str = "5GB",
+                     **overrides) -> Path:
+    """A randomly initialised LLaMA with `tokenizer`, saved as a normal checkpoint directory
+    (safetensors files of at most `max_shard_size`, with an index when there are several)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shape = {**TINY_LLAMA, **overrides}
@@ -93,7 +192,7 @@ def write_tiny_llama(out_dir: str, tokenizer: PreTrainedTokenizerFast, seed: int
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **shape)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    model.save_pretrained(out)
+    model.save_pretrained(out, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(out)
     log.info("wrote a tiny random LLaMA (%d parameters, vocab %d) to %s",
              sum(p.numel() for p in model.parameters()), len(tokenizer), out)

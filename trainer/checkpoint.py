@@ -192,19 +192,22 @@ class Checkpointer:
         step count of each param group by model name."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+        from trainer.optim import model_of
+
+        # Decided from the step counts, which every rank agrees on: asking DeepSpeed for a
+        # missing moment fails on some ranks only under ZeRO-1/2, and the collectives diverge.
+        steps = _adam_steps(self.engine)
+        _link_adam_state(self.engine)
         out = {}
         for name, p in self.engine.module.named_parameters():
             if not p.requires_grad:
                 continue
             out[f"param/{name}"] = safe_get_full_fp32_param(p).detach().float().cpu().contiguous()
             for moment in ("exp_avg", "exp_avg_sq"):
-                try:
-                    value = safe_get_full_optimizer_state(p, moment)
-                except KeyError:  # a model that has not stepped yet has no Adam state (same on every rank)
-                    value = None
-                out[f"{moment}/{name}"] = (torch.zeros_like(out[f"param/{name}"]) if value is None
-                                           else value.detach().float().cpu().contiguous())
-        return out, _adam_steps(self.engine)
+                stepped = steps.get(model_of(name), 0) > 0  # a model that has not stepped has no Adam state
+                out[f"{moment}/{name}"] = (safe_get_full_optimizer_state(p, moment).detach().float().cpu().contiguous()
+                                           if stepped else torch.zeros_like(out[f"param/{name}"]))
+        return out, steps
 
     def _prune(self, newest: str) -> None:
         tags = sorted(p.name for p in self.root.glob("step-*") if p.is_dir())
@@ -309,6 +312,7 @@ class Checkpointer:
             for name, p in params.items():
                 p.copy_(saved[f"param/{name}"].to(p.dtype))
         _create_adam_states(self.engine)
+        _link_adam_state(self.engine)
         for name, p in params.items():
             safe_set_full_fp32_param(p, saved[f"param/{name}"])
             for moment in ("exp_avg", "exp_avg_sq"):
@@ -334,13 +338,32 @@ def _fp32_partitions(engine) -> list[tuple[str, torch.Tensor]]:
     return [(group["model"], p) for group in inner.param_groups for p in group["params"]]
 
 
+def _link_adam_state(engine) -> None:
+    """Point each weight's optimizer-state view at Adam's current state.
+
+    ZeRO-1/2 (and the bf16 optimizer) link these views once, right after the first param
+    group's first step. The two models step on alternate steps, so at that moment the other
+    group has no state yet and its views would stay empty for good; relinking (a private
+    DeepSpeed method) before every read or write keeps them current.
+    """
+    zero = engine.optimizer
+    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
+
+
 def _adam_steps(engine) -> dict[str, int]:
-    """Adam's step count per model (all of a model's partitions share it)."""
+    """Adam's step count per model (all of a model's partitions share it), agreed by all ranks:
+    under ZeRO-1/2 a rank may hold no partition of a model. Collective."""
+    from trainer.optim import MODELS
+
     state = _inner_optimizer(engine).state
-    steps: dict[str, int] = {}
+    local = dict.fromkeys(MODELS, 0)
     for model, tensor in _fp32_partitions(engine):
-        steps[model] = max(steps.get(model, 0), int(state[tensor]["step"]) if "step" in state.get(tensor, {}) else 0)
-    return steps
+        local[model] = max(local[model], int(state[tensor]["step"]) if "step" in state.get(tensor, {}) else 0)
+    agreed = torch.tensor([local[m] for m in MODELS], dtype=torch.long)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+    return dict(zip(MODELS, agreed.tolist()))
 
 
 def _create_adam_states(engine) -> None:

@@ -137,7 +137,11 @@ def _make_tiny_model(args) -> None:
                              "pass --tokenizers-dir or use --tokenizer train")
         tokenizer = real_tokenizer(tokenizers_dir, choice)
     shape = {"hidden_size": args.hidden_size, "num_hidden_layers": args.layers}
-    write_tiny_llama(args.output, tokenizer, args.seed, **shape)
+    if args.hidden_size >= 256:  # LLaMA's own proportions: MLP 8/3 of the width, heads of 128 dims
+        heads = args.hidden_size // 128
+        shape.update(intermediate_size=int(args.hidden_size * 8 / 3) // 64 * 64, num_attention_heads=heads,
+                     num_key_value_heads=heads)
+    write_tiny_llama(args.output, tokenizer, args.seed, max_shard_size="1GB", **shape)
     print(f"wrote a tiny random LLaMA with the {choice} tokenizer to {args.output}")
 
 
@@ -205,7 +209,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizers-dir", default="", help="folder with llama2/ and gpt2/ tokenizer files")
     p.add_argument("--data", default="", help="CLLM4Rec-format folder, for --tokenizer train")
     p.add_argument("--vocab-size", type=int, default=4000)
-    p.add_argument("--hidden-size", type=int, default=64)
+    p.add_argument("--hidden-size", type=int, default=64, help="from 256 on, LLaMA's MLP and head proportions")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_tiny_model)

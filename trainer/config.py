@@ -19,6 +19,8 @@ class ModelSection:
     add_bos: bool = True  # prepend the base's BOS token to every prompt (ignored if it has none)
     attn_implementation: str = "auto"  # auto = flash_attention_2 when importable, else sdpa; or sdpa / eager
     init_std: float = 0.02  # ID-table init N(0, init_std^2), the reference's
+    quantization: str = "none"  # none, or nf4: the frozen base in 4-bit via bitsandbytes (QLoRA); LoRA + ID tables train
+    gradient_checkpointing: bool = False  # recompute each decoder layer's activations in backward: less memory, ~1/3 more compute
 
 
 @dataclass
@@ -40,13 +42,19 @@ class DataSection:
     checksums: bool = True  # verify every shard's sha256 at start (ranks split the work); false: sizes + tar headers
     bad_shards: str = "error"  # error: stop naming every bad shard; skip: train without them, count and report them
     log_documents: bool = False  # every rank writes the keys of the documents of each step to documents-rank<r>.jsonl
+    # Pack each rank's batch into few rows (per-document position ids, attention within documents);
+    # false: one document per row, padded to the longest. Which documents form a step is unchanged.
+    pack: bool = True
+    pack_tokens: int = 1024  # most tokens in a packed row (or the longest document): sdpa/eager pay width^2 per row
 
 
 @dataclass
 class LossSection:
     lambda_c: float = 1.0  # mutual-regularization strength (reference: 1, with SUM over tokens)
     lambda_l: float = 0.0  # optional prior on collab rows (reference: 0)
-    vocab_chunk: int = 1024  # positions per chunk of the vocabulary-head cross-entropy
+    # Positions per chunk of the vocabulary-head cross-entropy: never the full-vocabulary logits of
+    # the batch, nothing vocabulary-wide kept for backward. 0: the naive full logits (for comparison).
+    vocab_chunk: int = 1024
 
 
 @dataclass
@@ -79,6 +87,7 @@ class FinetuneSection:
 class EvaluateSection:
     checkpoint: str = ""  # a finetune or pretrain output folder; default <run.dir>/finetune
     batch_size: int = 32  # users per rank per forward pass
+    item_block: int = 65536  # items scored at a time against a running top-100: memory bounded for any item count
     splits: list = field(default_factory=lambda: ["val", "test"])
     recommendations: bool = False  # also write recommendations.jsonl (top-100 per user, train items excluded)
     baselines: bool = True  # print popularity and EASE (lambda chosen on val) beside the model
@@ -92,6 +101,7 @@ class RunSection:
     log_every: int = 1  # print a loss line every this many steps (every step goes to train_log.jsonl)
     save_every_steps: int = 0  # also checkpoint every this many training steps (0: only at epoch ends)
     keep_checkpoints: int = 2  # newest checkpoints kept per stage
+    peak_tflops: float = 0.0  # peak TFLOP/s of one rank for the logged MFU; 0 = a known GPU's data sheet, or measured on CPU
     resume: str = ""  # "" = start fresh; auto = continue from the stage's newest checkpoint, if any; or a checkpoint folder
 
 
@@ -191,11 +201,15 @@ def _validate(cfg: Config) -> None:
         raise ValueError(f"evaluate.splits: unknown split(s) {sorted(unknown_splits)}; use val and/or test")
     if cfg.data.bad_shards not in ("error", "skip"):
         raise ValueError(f"data.bad_shards must be 'error' or 'skip', got {cfg.data.bad_shards!r}")
-    for name, value in (("data.window_shards", cfg.data.window_shards), ("run.keep_checkpoints", cfg.run.keep_checkpoints)):
+    for name, value in (("data.window_shards", cfg.data.window_shards), ("run.keep_checkpoints", cfg.run.keep_checkpoints),
+                        ("data.pack_tokens", cfg.data.pack_tokens), ("evaluate.item_block", cfg.evaluate.item_block)):
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
-    for name, value in (("data.num_workers", cfg.data.num_workers), ("run.save_every_steps", cfg.run.save_every_steps)):
+    for name, value in (("data.num_workers", cfg.data.num_workers), ("run.save_every_steps", cfg.run.save_every_steps),
+                        ("loss.vocab_chunk", cfg.loss.vocab_chunk)):
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
+    if cfg.model.quantization not in ("none", "nf4"):
+        raise ValueError(f"model.quantization must be 'none' or 'nf4', got {cfg.model.quantization!r}")
     if cfg.model.attn_implementation not in ("auto", "sdpa", "eager", "flash_attention_2"):
         raise ValueError(f"model.attn_implementation: unknown value {cfg.model.attn_implementation!r}")

@@ -1,6 +1,8 @@
 """Process setup shared by the recipes: distributed init, the model, the DeepSpeed engine."""
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -33,6 +35,11 @@ def init_distributed() -> tuple[int, int]:
     # Tokenization runs in DataLoader worker processes; the tokenizer's own thread pool would
     # be forked with them.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" in os.environ:
+        # Started by mpirun (LAUNCHER=openmpi): DeepSpeed would need mpi4py to read these;
+        # MASTER_ADDR/MASTER_PORT come from .deepspeed_env.
+        os.environ.update(RANK=os.environ["OMPI_COMM_WORLD_RANK"], WORLD_SIZE=os.environ["OMPI_COMM_WORLD_SIZE"],
+                          LOCAL_RANK=os.environ["OMPI_COMM_WORLD_LOCAL_RANK"])
     if "RANK" not in os.environ:  # a plain `python`/pytest process: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
@@ -112,18 +119,64 @@ def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
+def zero3_init(ds_config: dict):
+    """A context in which new parameters are partitioned as they are created (ZeRO-3 only)."""
+    if zero_stage(ds_config) != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.Init(config_dict_or_path=ds_config)
+
+
+def compute_dtype(ds_config: dict) -> torch.dtype:
+    """The dtype the base is loaded and computed in: what the DeepSpeed config trains in."""
+    if ds_config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+def check_supported(cfg: Config, ds_config: dict) -> None:
+    """Refuse, before any loading, combinations that cannot work, naming the keys to change."""
+    zero = ds_config.get("zero_optimization", {})
+    where = f"run.deepspeed={cfg.run.deepspeed}"
+    if cfg.model.quantization == "nf4":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError("model.quantization=nf4 needs bitsandbytes (pip install bitsandbytes>=0.50.2)")
+        if zero.get("offload_param"):
+            raise ValueError(f"model.quantization=nf4 with {where}: a 4-bit base cannot be offloaded by ZeRO "
+                             "(offload_param); use configs/ds_zero3.json or ds_zero3_offload_opt.json")
+        if ds_config.get("fp16", {}).get("enabled"):
+            raise ValueError(f"model.quantization=nf4 with fp16 in {where}: use bf16 or fp32 compute")
+    if cfg.model.attn_implementation == "flash_attention_2":
+        if not torch.cuda.is_available():
+            raise ValueError("model.attn_implementation=flash_attention_2 needs a CUDA GPU; use auto or sdpa on CPU")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ValueError("model.attn_implementation=flash_attention_2 but flash-attn is not installed "
+                             "(pip install -e '.[gpu]'), or use auto")
+        if compute_dtype(ds_config) == torch.float32:
+            raise ValueError(f"model.attn_implementation=flash_attention_2 needs bf16 or fp16 in {where} "
+                             "(flash-attn has no fp32 kernels)")
+    if zero.get("offload_param") and zero_stage(ds_config) != 3:
+        raise ValueError(f"{where}: offload_param needs ZeRO stage 3")
+    if ds_config.get("fp16", {}).get("enabled") and ds_config.get("bf16", {}).get("enabled"):
+        raise ValueError(f"{where}: enable bf16 or fp16, not both")
+
+
 def build_model(cfg: Config, ds_config: dict, num_users: int, num_items: int) -> tuple[CLLM4Rec, IDTokenizer]:
     """Tokenizer with ID tokens, frozen base (+ two LoRA adapters), ID tables."""
+    check_supported(cfg, ds_config)
     base_tokenizer = backbone_io.load_tokenizer(cfg.model.base_dir)
-    zero3_loading = None
-    if zero_stage(ds_config) == 3:
-        from transformers.integrations import HfDeepSpeedConfig
-
-        # While this object lives, from_pretrained builds the model inside zero.Init, so no
-        # rank ever holds the whole base.
-        zero3_loading = HfDeepSpeedConfig(ds_config)
-    hf_model, _ = backbone_io.load_backbone(cfg.model.base_dir, cfg.model.attn_implementation)
-    del zero3_loading
+    hf_model, _ = backbone_io.load_backbone(
+        cfg.model.base_dir, cfg.model.attn_implementation, compute_dtype(ds_config),
+        zero3_config=ds_config if zero_stage(ds_config) == 3 and cfg.model.quantization == "none" else None,
+        quantization=cfg.model.quantization)
+    if cfg.model.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad, so a frozen base with
+        # LoRA (or with only the ID tables training) recomputes correctly.
+        hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        log.info("gradient checkpointing: on (activations of each decoder layer are recomputed in backward)")
     vocab_size = hf_model.config.vocab_size
     if vocab_size < len(base_tokenizer):
         raise ValueError(f"{cfg.model.base_dir}: the tokenizer has {len(base_tokenizer)} tokens but the model's "
@@ -136,32 +189,63 @@ def build_model(cfg: Config, ds_config: dict, num_users: int, num_items: int) ->
         backbone = hf_model
         mode = "paper mode: LoRA off, only the ID tables train"
     loss = LossConfig(cfg.loss.lambda_c, cfg.loss.lambda_l, cfg.loss.vocab_chunk)
-    model = CLLM4Rec(backbone, vocab_size, num_users, num_items, loss, cfg.model.init_std)
+    # Under ZeRO-3 the ID tables (rows x hidden size: gigabytes for large catalogues) are
+    # partitioned as they are created.
+    with zero3_init(ds_config):
+        model = CLLM4Rec(backbone, vocab_size, num_users, num_items, loss, cfg.model.init_std)
+    # Trainable weights (tables, LoRA) run in the base's dtype: ZeRO-3 keeps one flat buffer of
+    # them in a single dtype, and under bf16 the optimizer holds their fp32 master copies.
+    # (Partitioned ones were created in that dtype already.)
+    for param in model.parameters():
+        if param.requires_grad and not hasattr(param, "ds_id"):
+            param.data = param.data.to(compute_dtype(ds_config))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("model: %s; %d users, %d items; %s trainable parameters", mode, num_users, num_items, f"{trainable:,}")
     return model, tokenizer
 
 
-def report_resources(out_dir: Path, stage: str, started: float, skipped_shards: dict | None = None) -> dict:
-    """Wall time, every rank's peak RSS and the shards left out (data.bad_shards=skip), logged and
-    written to <out_dir>/resources.json by rank 0."""
+def peak_rss_mb() -> float:
     import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
+
+
+# This process's peak RSS when its engine was built (base loaded and partitioned): the
+# loading peak, reported beside the stage's overall peak.
+_setup_peak_mb: float | None = None
+
+
+def report_resources(out_dir: Path, stage: str, started: float, skipped_shards: dict | None = None) -> dict:
+    """Wall time, every rank's peak RSS (after setup and overall) and the shards left out
+    (data.bad_shards=skip), logged and written to <out_dir>/resources.json by rank 0."""
     import time
 
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    peaks = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(peaks, round(peak_mb, 1))
+    world = torch.distributed.get_world_size()
+    peaks, setup_peaks = [None] * world, [None] * world
+    torch.distributed.all_gather_object(peaks, peak_rss_mb())
+    torch.distributed.all_gather_object(setup_peaks, _setup_peak_mb)
     report = {"stage": stage, "wall_s": round(time.time() - started, 1), "peak_rss_mb_per_rank": peaks,
-              "skipped_shards": skipped_shards or {}}
+              "setup_peak_rss_mb_per_rank": setup_peaks, "skipped_shards": skipped_shards or {}}
     if torch.distributed.get_rank() == 0:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "resources.json").write_text(json.dumps(report, indent=2))
-        log.info("%s: %.1f s wall, peak RSS per rank %s MB", stage, report["wall_s"], peaks)
+        log.info("%s: %.1f s wall, peak RSS per rank %s MB (after setup %s MB)", stage, report["wall_s"], peaks,
+                 setup_peaks)
     return report
+
+
+def throughput_meter(cfg: Config, model: CLLM4Rec, ds_config: dict):
+    from trainer.throughput import Throughput, peak_tflops_per_rank
+
+    peak, source = peak_tflops_per_rank(cfg.run.peak_tflops, compute_dtype(ds_config))
+    return Throughput(model.backbone.config, model.vocab_size, model.num_items,
+                      torch.distributed.get_world_size(), peak, source)
 
 
 def build_engine(model: CLLM4Rec, ds_config: dict, optimizer=None):
     import deepspeed
 
+    global _setup_peak_mb
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    _setup_peak_mb = peak_rss_mb()
     return engine

@@ -3,7 +3,9 @@
     setup:  process group, shards, model with the saved ID tables + adapters, DeepSpeed engine
     rank:   prompt = all train items (order fixed by the seed) + `, user_i will interact with`;
             the rec head scores every item; train items are excluded; top-100 per user.
-            Users are scored in fixed blocks, spread over the ranks; the top lists are gathered on
+            Users are scored in fixed blocks, spread over the ranks, and items in blocks of
+            evaluate.item_block, keeping a running top-100 (model.cllm4rec.blocked_topk), so
+            memory stays bounded however many users and items; the top lists are gathered on
             every rank.
     save:   <run.dir>/metrics.json (Recall@20, Recall@40, NDCG@100 and the user count for
             val and test) and, on request, <run.dir>/recommendations.jsonl
@@ -26,7 +28,7 @@ from trainer.config import Config
 from trainer.engine import (build_engine, build_model, init_distributed, load_ds_config, report_resources,
                             seed_everything)
 from trainer.baselines import format_table, run_baselines
-from trainer.metrics import csr_rows, evaluate_topk, topk_excluding
+from trainer.metrics import csr_rows, evaluate_topk
 from trainer.model_state import load_model_state
 
 log = logging.getLogger("cllm4rec")
@@ -40,15 +42,23 @@ def user_blocks(num_users: int, batch_size: int) -> list[np.ndarray]:
 
 
 @torch.no_grad()
-def rank_block(model, collator: Collator, train_csr, users: np.ndarray, k: int = TOP_K) -> np.ndarray:
-    """Top-k items (train items excluded) of each user of one block, shape (len(users), k)."""
+def rank_block(model, collator: Collator, train_csr, users: np.ndarray, k: int = TOP_K,
+               item_block: int = 0) -> np.ndarray:
+    """Top-k items (train items excluded) of each user of one block, shape (len(users), k),
+    scored `item_block` items at a time (0: all at once). Equals trainer.metrics.topk_excluding
+    on the full score matrix."""
     history = csr_rows(train_csr, users)
-    scores = model("score", collator.score(users.tolist(), [h.tolist() for h in history]))["scores"]
-    return topk_excluding(scores, history, k).cpu().numpy()
+    batch = collator.score(users.tolist(), [h.tolist() for h in history])
+    batch["exclude_rows"] = torch.from_numpy(np.repeat(np.arange(len(users)), [len(h) for h in history]))
+    batch["exclude_cols"] = torch.from_numpy(np.concatenate(history).astype(np.int64) if len(history) else
+                                             np.zeros(0, dtype=np.int64))
+    batch["k"], batch["item_block"] = k, item_block
+    return model("topk", batch)["items"].cpu().numpy()
 
 
 @torch.no_grad()
-def rank_users(engine, collator: Collator, train_csr, batch_size: int, k: int = TOP_K) -> np.ndarray:
+def rank_users(engine, collator: Collator, train_csr, batch_size: int, k: int = TOP_K,
+               item_block: int = 0) -> np.ndarray:
     """Top-k items (train items excluded) for every user, shape (num_users, k), on every rank.
 
     Rank r scores blocks r, r+W, ... (see user_blocks). Every rank runs the same number of
@@ -64,7 +74,7 @@ def rank_users(engine, collator: Collator, train_csr, batch_size: int, k: int = 
     tops = {}
     for i in tqdm(range(rounds), desc="ranking users", disable=rank != 0, leave=False):
         block = mine[i] if i < len(mine) else (mine[-1] if mine else 0)
-        top = rank_block(engine, collator, train_csr, blocks[block], k)
+        top = rank_block(engine, collator, train_csr, blocks[block], k, item_block)
         if i < len(mine):
             tops[block] = top
     if was_training:
@@ -93,13 +103,13 @@ def main(cfg: Config) -> dict:
     model, tokenizer = build_model(cfg, ds_config, index["num_users"], index["num_items"])
     load_model_state(model, checkpoint)
     engine = build_engine(model, ds_config)
-    collator = Collator(tokenizer, cfg.run.seed, cfg.data.max_text_tokens, cfg.data.max_items)
+    collator = Collator.from_config(tokenizer, cfg)
     splits = {name: load_split(cfg.data.shards, name) for name in ("train", "val", "test")}
     train = splits["train"]
     log.info("evaluating %s on %d users x %d items, %d rank(s)", checkpoint, train.shape[0], train.shape[1], world)
 
     # ----- rank -----
-    topk = rank_users(engine, collator, train, cfg.evaluate.batch_size)
+    topk = rank_users(engine, collator, train, cfg.evaluate.batch_size, item_block=cfg.evaluate.item_block)
     metrics = {name: evaluate_topk(topk, splits[name]) for name in cfg.evaluate.splits}
 
     # ----- save -----

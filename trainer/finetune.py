@@ -20,7 +20,7 @@ from trainer.batching import Collator
 from trainer.checkpoint import Checkpointer, resume_position
 from trainer.config import Config
 from trainer.engine import (build_engine, build_model, init_distributed, load_ds_config, report_resources,
-                            seed_everything, stream_reader)
+                            seed_everything, stream_reader, throughput_meter)
 from trainer.evaluate import rank_users
 from trainer.metrics import evaluate_topk
 from trainer.loop import TrainLog, train_epoch
@@ -45,8 +45,7 @@ def main(cfg: Config) -> Path:
     load_model_state(model, Path(f.init_from or run_dir / "pretrain"))
     optimizer = AlternatingAdamW(param_groups(model, f.weight_decay), lr=f.lr)
     engine = build_engine(model, ds_config, optimizer)
-    collator = Collator(tokenizer, cfg.run.seed, cfg.data.max_text_tokens, cfg.data.max_items,
-                        f.holdout_fraction, f.target)
+    collator = Collator.from_config(tokenizer, cfg, holdout_fraction=f.holdout_fraction, rec_target=f.target)
     rec_reader = stream_reader(cfg, "rec", f.batch_size)
     content_reader = stream_reader(cfg, "content", f.content_batch_size)
     train, val_items = load_split(cfg.data.shards, "train"), load_split(cfg.data.shards, "val")
@@ -69,7 +68,8 @@ def main(cfg: Config) -> Path:
         log.info("resuming at finetune %d %s step %d", epoch + 1, phase, progress["next_step"])
 
     # ----- train, selecting on validation -----
-    train_log = TrainLog(out_dir, rank, cfg.run.log_every, cfg.data.log_documents, state["step"] if state else 0)
+    train_log = TrainLog(out_dir, rank, cfg.run.log_every, cfg.data.log_documents, state["step"] if state else 0,
+                         throughput_meter(cfg, engine.module, ds_config))
     best, history = progress["best"], progress["history"]
     for number in range(progress["plan_index"], len(phases)):
         epoch, phase = phases[number]
@@ -86,7 +86,8 @@ def main(cfg: Config) -> Path:
                     epoch, f"finetune {epoch + 1} {phase}", train_log, f.max_steps_per_epoch, start_step, loss_sum,
                     cfg.data.num_workers, after_step)
         if number + 1 == len(phases) or phases[number + 1][0] != epoch:  # the epoch's last phase: validate
-            val = evaluate_topk(rank_users(engine, collator, train, cfg.evaluate.batch_size), val_items)
+            val = evaluate_topk(rank_users(engine, collator, train, cfg.evaluate.batch_size,
+                                                item_block=cfg.evaluate.item_block), val_items)
             history.append({"epoch": epoch, **val})
             improved = best is None or val[f.select_metric] > best[f.select_metric]
             log.info("finetune epoch %d: val %s%s", epoch, " ".join(f"{k}={v:.4f}" for k, v in val.items()

@@ -14,16 +14,21 @@ from trainer.optim import AlternatingAdamW
 
 class TrainLog:
     """Every step as a JSON line in <stage dir>/train_log.jsonl (rank 0), and a console line
-    every `log_every` steps. With `log_documents`, every rank also writes the keys of the
-    documents it trained on to <stage dir>/documents-rank<r>.jsonl.
+    every `log_every` steps. `tokens`: real (non-padding) tokens of the step over all ranks;
+    `pad_frac`: the share of padding among the positions the model processed. With
+    `log_documents`, every rank also writes the keys of the documents it trained on to
+    <stage dir>/documents-rank<r>.jsonl.
 
     `resume_step`: continuing from a checkpoint taken after that many steps; lines of later
     steps (written before the interruption) are dropped, so the files read as one clean run.
+    `throughput` (trainer.throughput.Throughput): adds tokens_per_s, docs_per_s and mfu to
+    every step that reports its tokens.
     """
 
     def __init__(self, stage_dir: Path, rank: int, log_every: int, log_documents: bool = False,
-                 resume_step: int = 0):
+                 resume_step: int = 0, throughput=None):
         self.rank = rank
+        self.throughput = throughput
         self.log_every = max(1, log_every)
         self.step = resume_step
         paths = ([Path(stage_dir) / "train_log.jsonl"] if rank == 0 else []) + \
@@ -42,6 +47,8 @@ class TrainLog:
         if self.file is None:
             return
         record = {"step": self.step, **record}
+        if self.throughput is not None and "tokens" in record:
+            record.update(self.throughput.rates(record["task"], record["tokens"], record["docs"], record["step_s"]))
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.step % self.log_every == 0:
@@ -62,19 +69,16 @@ def _keep_steps_up_to(path: Path, step: int) -> None:
     path.write_text("".join(kept))
 
 
-def _global_mean(values: list[float]) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
+def _step_stats(out: dict, batch: dict) -> tuple[float, float, float, int, float]:
+    """Loss, nll, reg (means over ranks), real tokens and padded fraction (over all ranks'
+    batches), in one all_reduce."""
+    real = int((batch["doc_index"] >= 0).sum())
+    tensor = torch.tensor([out["loss"].item(), out["nll"].item(), out["reg"].item(), real,
+                           batch["input_ids"].numel()], dtype=torch.float64)
     dist.all_reduce(tensor)
-    return (tensor / dist.get_world_size()).tolist()
-
-
-def agree_on_vocab_chunks(batch: dict, chunk: int) -> int:
-    """The largest number of vocabulary-head chunks any rank needs for this step."""
-    from model.cllm4rec import chunks_needed
-
-    needed = torch.tensor(chunks_needed(int((batch["targets"] >= 0).sum()), chunk))
-    dist.all_reduce(needed, op=dist.ReduceOp.MAX)
-    return int(needed)
+    loss, nll, reg, real, positions = tensor.tolist()
+    world = dist.get_world_size()
+    return loss / world, nll / world, reg / world, int(real), 1.0 - real / max(positions, 1.0)
 
 
 def train_epoch(engine, optimizer: AlternatingAdamW, reader, make_batch, task: str, model_name: str,
@@ -93,18 +97,17 @@ def train_epoch(engine, optimizer: AlternatingAdamW, reader, make_batch, task: s
     waited = time.perf_counter()
     for step, docs, batch in reader.loader(epoch, start_step, steps, make_batch, num_workers):
         start = time.perf_counter()
-        if task == "content":
-            batch["vocab_chunks"] = agree_on_vocab_chunks(batch, engine.module.loss_cfg.vocab_chunk)
         optimizer.active_model = model_name
         out = engine(task, batch)
         engine.backward(out["loss"])
         engine.step()
-        loss, nll, reg = _global_mean([out["loss"].item(), out["nll"].item(), out["reg"].item()])
+        loss, nll, reg, tokens, pad_frac = _step_stats(out, batch)
         total += loss
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         log.write({"stage": label, "task": task, "epoch": epoch, "loss": loss, "nll": nll, "reg": reg,
-                   "docs": len(docs) * dist.get_world_size(), "data_s": round(start - waited, 4),
+                   "docs": len(docs) * dist.get_world_size(), "tokens": tokens, "pad_frac": round(pad_frac, 4),
+                   "data_s": round(start - waited, 4),
                    "step_s": round(time.perf_counter() - start, 4)}, bar, docs)
         if after_step is not None:
             after_step(step + 1, total, steps)

@@ -20,7 +20,7 @@ from trainer.batching import Collator
 from trainer.checkpoint import Checkpointer, resume_position
 from trainer.config import Config
 from trainer.engine import (build_engine, build_model, init_distributed, load_ds_config, report_resources,
-                            seed_everything, stream_reader)
+                            seed_everything, stream_reader, throughput_meter)
 from trainer.loop import TrainLog, train_epoch
 from trainer.model_state import save_model_state
 from trainer.optim import AlternatingAdamW, param_groups
@@ -45,7 +45,7 @@ def main(cfg: Config) -> Path:
     model, tokenizer = build_model(cfg, ds_config, index["num_users"], index["num_items"])
     optimizer = AlternatingAdamW(param_groups(model, p.weight_decay), lr=p.lr)
     engine = build_engine(model, ds_config, optimizer)
-    collator = Collator(tokenizer, cfg.run.seed, cfg.data.max_text_tokens, cfg.data.max_items)
+    collator = Collator.from_config(tokenizer, cfg)
     readers = {"collab": stream_reader(cfg, "collab", p.collab_batch_size),
                "content": stream_reader(cfg, "content", p.content_batch_size)}
     batchers = {"collab": collator.collab, "content": collator.content}
@@ -63,7 +63,8 @@ def main(cfg: Config) -> Path:
              f"; resuming at epoch {progress['plan_index'] + 1} step {progress['next_step']}" if state else "")
 
     # ----- train -----
-    train_log = TrainLog(out_dir, rank, cfg.run.log_every, cfg.data.log_documents, state["step"] if state else 0)
+    train_log = TrainLog(out_dir, rank, cfg.run.log_every, cfg.data.log_documents, state["step"] if state else 0,
+                         throughput_meter(cfg, engine.module, ds_config))
     epochs_done = dict(progress["epochs_done"])
     for number in range(progress["plan_index"], len(plan)):
         kind = plan[number]

@@ -110,7 +110,7 @@ class Recommender:
         load_model_state(self.model, self.bundle)
         self.model.eval()
         self.train = sp.csr_matrix(sp.load_npz(self.bundle / "train.npz"), dtype=np.float32)
-        self.collator = Collator(tokenizer, self.cfg.run.seed, self.cfg.data.max_text_tokens, self.cfg.data.max_items)
+        self.collator = Collator.from_config(tokenizer, self.cfg)
 
     def for_users(self, users: list[int], k: int, batch_size: int | None = None) -> dict[int, list[int]]:
         """Top-k items of known users (train items excluded), scored in the evaluate stage's blocks."""
@@ -124,7 +124,7 @@ class Recommender:
         size = len(blocks[0])
         out = {}
         for b in sorted({u // size for u in users}):
-            top = rank_block(self.model, self.collator, self.train, blocks[b], k)
+            top = rank_block(self.model, self.collator, self.train, blocks[b], k, self.cfg.evaluate.item_block)
             for row, user in enumerate(blocks[b]):
                 if int(user) in users:
                     out[int(user)] = [int(i) for i in top[row] if i >= 0]

@@ -5,31 +5,15 @@ import sys
 
 import torch.distributed as dist
 
+from tests.helpers import FixedReader, toy_engine
 from trainer.batching import Collator
-from trainer.config import load_config
-from trainer.engine import build_engine, build_model, init_distributed, load_ds_config
+from trainer.engine import init_distributed
 from trainer.loop import TrainLog, train_epoch
-from trainer.optim import AlternatingAdamW, param_groups
-
-
-class FixedReader:
-    def __init__(self, batches):
-        self.batches = batches
-        self.steps_per_epoch = len(batches)
-
-    def loader(self, epoch, start_step, stop_step, transform, num_workers):
-        for step in range(start_step, stop_step):
-            yield step, self.batches[step], transform(self.batches[step], epoch)
 
 
 base_dir, shards, out = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 rank, world = init_distributed()
-cfg = load_config("configs/quickstart.yaml", [f"model.base_dir={base_dir}", f"data.shards={shards}",
-                                              "loss.vocab_chunk=4"])
-ds_config = load_ds_config(cfg.run.deepspeed, 4)
-model, tok = build_model(cfg, ds_config, 40, 30)
-optimizer = AlternatingAdamW(param_groups(model, 0.0), lr=0.01)
-engine = build_engine(model, ds_config, optimizer)
+engine, optimizer, tok = toy_engine(base_dir, shards, "loss.vocab_chunk=4")
 col = Collator(tok, 0, 64, 50)
 if rank == 0:
     content = [{"kind": "review", "user": u, "item": u, "text": "great shampoo smells nice " * 5, "pos": u}
