@@ -68,8 +68,8 @@ def load_backbone(base_dir: str, attn_implementation: str = "auto", dtype=torch.
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attention, dtype=dtype,
                                                      quantization_config=four_bit)
         log.info("base loaded in 4-bit nf4 (bitsandbytes), compute dtype %s", dtype)
-    elif zero3_config is not None and _safetensors_weight_map(path) is not None:
-        model = load_partitioned(path, attention, dtype, zero3_config)
+    elif zero3_config is not None and (weight_map := _safetensors_weight_map(path)) is not None:
+        model = load_partitioned(path, weight_map, attention, dtype, zero3_config)
     else:
         if zero3_config is not None:
             log.warning("%s has no safetensors weights: transformers loads the checkpoint whole on rank 0 and "
@@ -98,7 +98,7 @@ def _safetensors_weight_map(path: Path) -> dict[str, Path] | None:
     return None
 
 
-def load_partitioned(path: Path, attention: str, dtype, zero3_config: dict):
+def load_partitioned(path: Path, weight_map: dict[str, Path], attention: str, dtype, zero3_config: dict):
     """Build the model under `deepspeed.zero.Init`, then fill each rank's partitions from disk.
 
     transformers' own ZeRO-3 loading has rank 0 map every checkpoint file and scatter each layer,
@@ -114,7 +114,6 @@ def load_partitioned(path: Path, attention: str, dtype, zero3_config: dict):
     from transformers.integrations.deepspeed import prevent_arange_dtype_change
     from transformers.modeling_utils import set_zero3_state
 
-    weight_map = _safetensors_weight_map(path)
     keep_alive = HfDeepSpeedConfig(zero3_config)  # noqa: F841  (transformers reads it while building)
     with no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=zero3_config), \
             set_zero3_state():

@@ -196,9 +196,10 @@ def build_model(cfg: Config, ds_config: dict, num_users: int, num_items: int) ->
     # Trainable weights (tables, LoRA) run in the base's dtype: ZeRO-3 keeps one flat buffer of
     # them in a single dtype, and under bf16 the optimizer holds their fp32 master copies.
     # (Partitioned ones were created in that dtype already.)
+    dtype = compute_dtype(ds_config)
     for param in model.parameters():
         if param.requires_grad and not hasattr(param, "ds_id"):
-            param.data = param.data.to(compute_dtype(ds_config))
+            param.data = param.data.to(dtype)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("model: %s; %d users, %d items; %s trainable parameters", mode, num_users, num_items, f"{trainable:,}")
     return model, tokenizer
