@@ -73,6 +73,7 @@ def runs(tmp_path_factory):
             outputs[name, stage] = _finish(_launch(stage, tmp, tmp / name, ranks), f"{name} {stage}")
     # Two nodes of one rank each, started separately as on a cluster without ssh: a hostfile
     # naming both, the same master address and port, and each its own node rank and folder.
+    # One core each, like the 2-rank job's ranks: other thread counts round matmuls differently.
     hostfile = tmp / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
     port = str(free_port())
@@ -82,7 +83,7 @@ def runs(tmp_path_factory):
         cwd.mkdir()
         nodes.append(_launch("pretrain", tmp, tmp / "two_nodes", 1, "--hostfile", str(hostfile), "--no_ssh",
                              "--node_rank", str(node_rank), "--master_addr", "127.0.0.1", "--master_port", port,
-                             world=2, cwd=cwd))
+                             world=2, cwd=cwd, OMP_NUM_THREADS="1"))
     for node_rank, proc in enumerate(nodes):
         outputs["two_nodes", f"node{node_rank}"] = _finish(proc, f"node {node_rank}")
     return tmp, outputs
