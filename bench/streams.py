@@ -20,7 +20,7 @@ Then, with the plain model (no DeepSpeed, eval): users/s of the recommendation h
 pass, top-20 over all items) against autoregressive generation of 20 item tokens (greedy, KV
 cache, train and already generated items excluded), on the same users and prompts.
 
-Usage:  python bench/streams.py                    (about 10 minutes on 2 cores)
+Usage:  python bench/streams.py                    (under 3 minutes on 2 idle cores)
         python bench/streams.py --steps 8 --only collab,rec --deepspeed configs/ds_zero3.json
 The base is written once to <out>/base (never committed); the shards are built from the shared
 data folder beside the repository when --shards has none.

@@ -28,10 +28,6 @@ if [ -z "${MASTER_PORT:-}" ]; then
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
 export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore::FutureWarning}
-# ZeRO-3 gathers and frees layer-sized buffers on every step. glibc's adaptive mmap threshold
-# then serves them from the heap, which fragments: on a 1B base on CPU each rank grew to 7 GB
-# instead of 3.2 GB. A fixed threshold hands such buffers back to the system when freed.
-export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-65536}
 
 # Exit status of a run stopped by SIGTERM/SIGUSR1 after saving a checkpoint: rerun with --resume auto.
 EXIT_PREEMPTED=75
@@ -65,7 +61,7 @@ runner_args() {
 # pdsh and mpirun start the ranks of other nodes with a bare environment: DeepSpeed passes on
 # what ./.deepspeed_env lists. Lines for other variables already in the file are kept.
 write_deepspeed_env() {
-  local names="PATH PYTHONPATH DS_ACCELERATOR OMP_NUM_THREADS PYTHONWARNINGS TOKENIZERS_PARALLELISM MALLOC_MMAP_THRESHOLD_ HF_HOME HF_HUB_OFFLINE MASTER_ADDR MASTER_PORT ${CLLM4REC_EXPORT:-}"
+  local names="PATH PYTHONPATH DS_ACCELERATOR OMP_NUM_THREADS PYTHONWARNINGS TOKENIZERS_PARALLELISM MALLOC_MMAP_THRESHOLD_ MALLOC_MMAP_MAX_ MALLOC_TRIM_THRESHOLD_ GLIBC_TUNABLES HF_HOME HF_HUB_OFFLINE MASTER_ADDR MASTER_PORT ${CLLM4REC_EXPORT:-}"
   local tmp name
   tmp=$(mktemp)
   if [ -f .deepspeed_env ]; then

@@ -11,8 +11,9 @@ def test_shipped_configs_load():
 
 def test_overrides_are_typed_and_nested():
     cfg = load_config(str(REPO / "configs" / "quickstart.yaml"), ["lora.r=0", "pretrain.lr=0.01",
-                                                                    "evaluate.splits=[test]"])
+                                                                    "evaluate.splits=[test]", "pretrain.adam_eps=1e-5"])
     assert cfg.lora.r == 0 and cfg.pretrain.lr == 0.01 and cfg.evaluate.splits == ["test"]
+    assert cfg.pretrain.adam_eps == 1e-5  # YAML 1.1 reads "1e-5" as text; numbers are numbers
 
 
 def test_unknown_key_names_the_file_and_key(tmp_path):

@@ -41,8 +41,9 @@ def test_deepspeed_env_keeps_other_lines_and_lists_what_ranks_need(tmp_path):
     (tmp_path / ".deepspeed_env").write_text("MY_SETTING=1\nMASTER_ADDR=old\n")
     # openmpi on a machine without mpirun: the file is written, then the runner reports the missing backend.
     _launch("--hostfile", str(hosts), "--launcher", "openmpi", "--master_addr", "10.0.0.9",
-            str(REPO / "configs" / "quickstart.yaml"), cwd=tmp_path, CLLM4REC_EXPORT="MY_TOKEN", MY_TOKEN="abc")
+            str(REPO / "configs" / "quickstart.yaml"), cwd=tmp_path, CLLM4REC_EXPORT="MY_TOKEN", MY_TOKEN="abc",
+            MALLOC_MMAP_THRESHOLD_="131072")
     lines = (tmp_path / ".deepspeed_env").read_text().splitlines()
     assert "MY_SETTING=1" in lines and "MASTER_ADDR=10.0.0.9" in lines and "MASTER_ADDR=old" not in lines
     assert "MY_TOKEN=abc" in lines
-    assert "MALLOC_MMAP_THRESHOLD_=65536" in lines and any(line.startswith("PATH=") for line in lines)
+    assert "MALLOC_MMAP_THRESHOLD_=131072" in lines and any(line.startswith("PATH=") for line in lines)

@@ -2,6 +2,9 @@
 attention choice, the MFU convention, and the errors for combinations that cannot work."""
 import json
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,7 +16,8 @@ from tests.helpers import write_tiny_checkpoint
 from trainer.backbone import choose_attention
 from trainer.batching import Collator
 from trainer.config import load_config
-from trainer.engine import build_engine, build_model, check_supported, init_distributed, load_ds_config
+from trainer.engine import (MALLOC_ENVIRONMENT, build_engine, build_model, check_supported, init_distributed,
+                            load_ds_config)
 from trainer.loop import TrainLog, train_epoch
 from trainer.optim import AlternatingAdamW, param_groups
 from trainer.throughput import Throughput, flops_per_token
@@ -105,3 +109,17 @@ def test_mfu_follows_the_stated_flop_convention():
     assert rates["tokens_per_s"] == 250.0 and rates["docs_per_s"] == 5.0
     assert rates["mfu"] == pytest.approx(4 * (2 * per_layer + 100 * 64) * 500 / 2.0 / (2 * 1e6), rel=1e-4)
     assert meter.rates("collab", 500, 10, 2.0)["mfu"] < rates["mfu"]  # 30 item rows < 100 vocabulary rows
+
+
+def test_host_allocator_follows_the_zero_stage_unless_the_environment_sets_it():
+    # In a process of its own: the choice holds for the rest of the process.
+    code = ("from trainer.engine import tune_host_allocator as t; "
+            "print(t({'zero_optimization': {'stage': 3}})); print(t({'zero_optimization': {'stage': 2}}))")
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENVIRONMENT}
+    stage3, stage2 = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                    check=True).stdout.splitlines()
+    assert "64 KiB" in stage3 and "ZeRO-3" in stage3
+    assert "from the heap" in stage2
+    told = subprocess.run([sys.executable, "-c", code], env=dict(env, MALLOC_MMAP_THRESHOLD_="131072"),
+                          capture_output=True, text=True, check=True).stdout.splitlines()
+    assert told == ["as set in the environment (MALLOC_MMAP_THRESHOLD_)"] * 2

@@ -36,6 +36,11 @@ def _overrides(tmp, run_dir, world):
 
             "pretrain.content_warmup_epochs=1", "pretrain.rounds=1", "finetune.epochs=2",
             "finetune.content_epochs=true", "lora.dropout=0.0", "data.max_text_tokens=24", "run.log_every=1000",
+            # Adam's first step on an element is lr * g / (|g| + eps): with the default eps = 1e-8 an
+            # element whose gradient happens to be ~1e-8 (there is one in content_user and one in a
+            # content LoRA A here) turns the ranks' ~1e-9 float32 rounding into ~5e-5 of weight, with the
+            # chunked or the naive vocabulary loss alike. eps = 1e-5 bounds that gain to lr / (4 eps) = 25.
+            "pretrain.adam_eps=1e-5", "finetune.adam_eps=1e-5",
             *per_rank]
 
 
@@ -106,10 +111,8 @@ def test_one_rank_and_two_ranks_train_the_same_model(runs, stage):
     for key in w1:
         assert w1[key].numel() > 0, f"{key} was saved empty"
         diff = (w1[key] - w2[key]).abs().max().item()
-        # Losses agree to about 1e-7 relative. Weights that Adam updates from near-zero gradients
-        # (content user rows, LoRA A) turn that rounding into up to about 5e-5 after the 40
-        # finetuning steps with the chunked vocabulary loss (3e-8 with loss.vocab_chunk=0).
-        assert diff <= 1e-4, f"{stage} {key} differs by {diff:.2e}"
+        # Losses agree to about 1e-7 relative, weights to about 1e-6 (adam_eps above).
+        assert diff <= 1e-5, f"{stage} {key} differs by {diff:.2e}"
     if stage == "finetune":
         picked = [json.loads((tmp / run / "finetune" / "selection.json").read_text()) for run in ("one_rank", "two_ranks")]
         assert picked[0]["best"]["epoch"] == picked[1]["best"]["epoch"]

@@ -65,6 +65,7 @@ class PretrainSection:
     content_batch_size: int = 8
     lr: float = 1e-3  # Adam learning rate (reference: 1e-3)
     weight_decay: float = 0.0
+    adam_eps: float = 1e-8  # Adam epsilon: an update is lr * g / (|g| + eps) on a fresh state (see README)
     max_steps_per_epoch: int = 0  # 0 = whole epoch; >0 caps every epoch (smoke runs)
 
 
@@ -77,6 +78,7 @@ class FinetuneSection:
     content_epochs: bool = True  # one content epoch after each rec epoch (mutual regularization both ways)
     lr: float = 1e-3
     weight_decay: float = 0.0
+    adam_eps: float = 1e-8
     holdout_fraction: float = 0.2  # share of each user's train items masked out of the prompt
     target: str = "heldout"  # heldout (the paper) or all_train (the reference code)
     select_metric: str = "recall@20"  # validation metric for model selection
@@ -123,6 +125,13 @@ class Config:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
 
+def _number(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _apply(section, values: dict, origin: str, prefix: str = "") -> None:
     known = {f.name: f for f in dataclasses.fields(section)}
     for key, value in values.items():
@@ -137,6 +146,8 @@ def _apply(section, values: dict, origin: str, prefix: str = "") -> None:
         if isinstance(current, bool) and not isinstance(value, bool):
             raise TypeError(f"{origin}: '{prefix}{key}' must be true or false, got {value!r}")
         if isinstance(current, (int, float)) and not isinstance(current, bool):
+            if isinstance(value, str):
+                value = _number(value)  # YAML 1.1 reads 1e-5 (no dot) as text
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise TypeError(f"{origin}: '{prefix}{key}' must be a number, got {value!r}")
             if isinstance(current, int) and not float(value).is_integer():

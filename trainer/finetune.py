@@ -43,7 +43,7 @@ def main(cfg: Config) -> Path:
     ds_config = load_ds_config(cfg.run.deepspeed, max(f.batch_size, f.content_batch_size))
     model, tokenizer = build_model(cfg, ds_config, index["num_users"], index["num_items"])
     load_model_state(model, Path(f.init_from or run_dir / "pretrain"))
-    optimizer = AlternatingAdamW(param_groups(model, f.weight_decay), lr=f.lr)
+    optimizer = AlternatingAdamW(param_groups(model, f.weight_decay), lr=f.lr, eps=f.adam_eps)
     engine = build_engine(model, ds_config, optimizer)
     collator = Collator.from_config(tokenizer, cfg, holdout_fraction=f.holdout_fraction, rec_target=f.target)
     rec_reader = stream_reader(cfg, "rec", f.batch_size)

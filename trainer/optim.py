@@ -33,6 +33,13 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
 class AlternatingAdamW(torch.optim.AdamW):
     active_model: str = "collab"
 
+    def __init__(self, params, **options):
+        # The fused kernel reads and writes each weight and its two moments once per step; the
+        # default per-tensor path makes several passes and full-size temporaries, which is most
+        # of a paper-mode step's fixed cost on CPU (whole ID tables update every step).
+        options.setdefault("fused", True)
+        super().__init__(params, **options)
+
     def step(self, closure=None):
         inactive = [g for g in self.param_groups if g["model"] != self.active_model]
         held = [g["params"] for g in inactive]

@@ -43,7 +43,7 @@ def main(cfg: Config) -> Path:
     p = cfg.pretrain
     ds_config = load_ds_config(cfg.run.deepspeed, max(p.collab_batch_size, p.content_batch_size))
     model, tokenizer = build_model(cfg, ds_config, index["num_users"], index["num_items"])
-    optimizer = AlternatingAdamW(param_groups(model, p.weight_decay), lr=p.lr)
+    optimizer = AlternatingAdamW(param_groups(model, p.weight_decay), lr=p.lr, eps=p.adam_eps)
     engine = build_engine(model, ds_config, optimizer)
     collator = Collator.from_config(tokenizer, cfg)
     readers = {"collab": stream_reader(cfg, "collab", p.collab_batch_size),
