@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = ["ds_zero3", "ds_zero2", "ds_zero3_offload_opt", "ds_zero3_offload_param", "ds_zero3_bf16"]
+CONFIGS = ["ds_zero3", "ds_zero2", "ds_zero3_offload_opt", "ds_zero3_offload_param", "ds_zero3_bf16",
+           "ds_zero3_lowmem"]
 
 
 def make_base(out: Path, tokenizer_from: str, hidden: int, layers: int) -> None:
@@ -42,12 +43,13 @@ def base_parameters(base: Path) -> int:
 
 
 def run(args, config: str, ranks: int) -> dict:
-    name = f"{config}-{ranks}ranks"
+    name = f"{config}-{ranks}ranks" + ("-gc" if args.gradient_checkpointing else "")
     run_dir = Path(args.out) / name
     overrides = [f"model.base_dir={args.base}", f"data.shards={args.shards}", f"run.dir={run_dir}",
                  f"run.deepspeed=configs/{config}.json", "pretrain.content_warmup_epochs=1", "pretrain.rounds=0",
                  f"pretrain.max_steps_per_epoch={args.steps}", f"pretrain.content_batch_size={args.batch}",
-                 f"data.max_text_tokens={args.max_text_tokens}", "run.log_every=1", "data.num_workers=0"]
+                 f"data.max_text_tokens={args.max_text_tokens}", "run.log_every=1", "data.num_workers=0",
+                 f"model.gradient_checkpointing={str(args.gradient_checkpointing).lower()}"]
     started = time.time()
     with open(Path(args.out) / f"{name}.log", "w") as log:
         done = subprocess.run(["bash", "launch/pretrain.sh", "configs/beauty_bench.yaml", *overrides], cwd=REPO,
@@ -75,6 +77,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--max-text-tokens", type=int, default=64)
     ap.add_argument("--out", default="runs/bench-zero-memory")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="model.gradient_checkpointing=true: keep each layer's input, recompute the rest in backward")
     args = ap.parse_args()
     base = Path(args.base)
     if args.make_base and not (base / "config.json").is_file():
@@ -84,7 +88,8 @@ def main() -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     params = base_parameters(base)
     fp32_mb = params * 4 / 2**20
-    print(f"base: {params / 1e9:.3f}B parameters; one full fp32 copy = {fp32_mb:,.0f} MB")
+    print(f"base: {params / 1e9:.3f}B parameters; one full fp32 copy = {fp32_mb:,.0f} MB; gradient checkpointing "
+          f"{'on' if args.gradient_checkpointing else 'off'}")
     print(f"{'config':<24}{'ranks':>6}{'setup peak MB/rank':>32}{'overall peak MB/rank':>32}{'x fp32 copy':>13}"
           f"{'s/step':>9}")
     results = []

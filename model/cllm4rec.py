@@ -37,23 +37,19 @@ from model.lora import activate_adapter
 TASKS = ("collab", "content", "rec", "score", "topk")
 
 
-class VocabCrossEntropy(torch.autograd.Function):
-    """Per-position cross-entropy of `hidden @ weight.T (+ bias)` against `targets`, for a FROZEN
-    output layer, `chunk` positions at a time.
-
-    The gradient with respect to `hidden` is computed in the forward pass, chunk by chunk, and
-    kept (positions x hidden size); backward only scales it. So at most one chunk of
-    vocabulary-wide logits ever exists, nothing vocabulary-wide is saved for backward, and the
-    frozen weight gets no gradient. Peak memory is chunk x vocabulary, whatever the number of
-    positions.
+def chunked_vocab_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                targets: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position cross-entropy of `hidden @ weight.T (+ bias)` against `targets` for a FROZEN
+    output layer, and its gradient with respect to `hidden`, `chunk` positions at a time, outside
+    autograd. At most one chunk of vocabulary-wide logits ever exists, so peak memory is chunk x
+    vocabulary whatever the number of positions; VocabCrossEntropy attaches the result to `hidden`.
     """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk: int):
-        if weight.requires_grad or (bias is not None and bias.requires_grad):
-            raise ValueError("VocabCrossEntropy is for a frozen output layer; the vocabulary head here requires grad")
-        losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        grad = torch.empty_like(hidden)
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("the chunked vocabulary cross-entropy is for a frozen output layer; the vocabulary head "
+                         "here requires grad")
+    losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    grad = torch.empty_like(hidden)
+    with torch.no_grad():
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start:start + chunk], targets[start:start + chunk]
             rows = torch.arange(len(t), device=t.device)
@@ -66,32 +62,44 @@ class VocabCrossEntropy(torch.autograd.Function):
             probs.div_(total)
             probs[rows, t] -= 1.0  # d loss / d logits = softmax - one-hot
             grad[start:start + chunk] = probs.to(weight.dtype) @ weight
+    return losses, grad
+
+
+class VocabCrossEntropy(torch.autograd.Function):
+    """`losses` as a function of `hidden`, given d loss / d hidden (chunked_vocab_cross_entropy's):
+    backward only scales that gradient, so nothing vocabulary-wide is saved for it and the frozen
+    head is not needed (nor, under ZeRO-3, gathered) again."""
+
+    @staticmethod
+    def forward(ctx, hidden, losses, grad):
         ctx.save_for_backward(grad)
-        return losses
+        return losses.clone()
 
     @staticmethod
     def backward(ctx, grad_losses):
         (grad,) = ctx.saved_tensors
-        return (grad.float() * grad_losses.unsqueeze(-1)).to(grad.dtype), None, None, None, None
+        return (grad.float() * grad_losses.unsqueeze(-1)).to(grad.dtype), None, None
 
 
 class VocabLoss(nn.Module):
-    """VocabCrossEntropy against a frozen head, as a module of its own.
+    """chunked_vocab_cross_entropy against a frozen head, as a module of its own.
 
     Under ZeRO-3 the head's parameters are registered as this module's external parameters, so
     DeepSpeed gathers them for this module's forward (one all-gather per call, however many
     chunks; the same on every rank) and releases them after it, and does not gather them for
-    every other forward pass of the model.
+    every other forward pass of the model. The outputs do not require grad, so DeepSpeed hooks no
+    backward to this module and the head is not gathered again in backward.
     """
 
-    def forward(self, hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk: int) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module,
+                chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
         params = list(head.parameters(recurse=False))  # reading the list does not gather them
         if any(hasattr(p, "ds_id") for p in params):
             import deepspeed
 
             for p in params:
                 deepspeed.zero.register_external_parameter(self, p)
-        return VocabCrossEntropy.apply(hidden, head.weight, getattr(head, "bias", None), targets, chunk)
+        return chunked_vocab_cross_entropy(hidden.detach(), head.weight, getattr(head, "bias", None), targets, chunk)
 
 
 def _ordered_top(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,9 +261,10 @@ class CLLM4Rec(nn.Module):
     def content_nll(self, hidden: torch.Tensor, batch: dict, docs: int) -> torch.Tensor:
         """Vocabulary-head LM loss per document over the main-text positions.
 
-        With loss.vocab_chunk > 0, VocabCrossEntropy: one chunk of vocabulary-wide logits at a
-        time and none kept for backward. Under ZeRO-3 the head is gathered once per call
-        (VocabLoss), whatever the number of chunks, so ranks with different batches stay in step.
+        With loss.vocab_chunk > 0, chunked_vocab_cross_entropy: one chunk of vocabulary-wide
+        logits at a time and none kept for backward. Under ZeRO-3 the head is gathered once per
+        call, in forward only (VocabLoss), whatever the number of chunks, so ranks with different
+        batches stay in step.
         vocab_chunk = 0 is the naive way, kept for comparison: the head on every position of
         the batch, padding included, as a causal LM's forward does.
         """
@@ -266,8 +275,9 @@ class CLLM4Rec(nn.Module):
             logits = head(hidden).float()
             losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
             return self._per_document(losses[keep.flatten()], doc_index[keep], docs)
-        losses = self.vocab_loss(hidden[keep], targets[keep], head, self.loss_cfg.vocab_chunk)
-        return self._per_document(losses, doc_index[keep], docs)
+        kept = hidden[keep]
+        losses, grad = self.vocab_loss(kept, targets[keep], head, self.loss_cfg.vocab_chunk)
+        return self._per_document(VocabCrossEntropy.apply(kept, losses, grad), doc_index[keep], docs)
 
     def last_prompt_hidden(self, batch: dict, model: str) -> torch.Tensor:
         """Each document's last position; `last_index` indexes the flattened (rows x width) batch."""

@@ -188,11 +188,11 @@ def test_chunked_vocabulary_loss_keeps_nothing_vocabulary_wide_for_backward():
 
 
 def test_vocab_cross_entropy_refuses_a_trainable_head():
-    from model.cllm4rec import VocabCrossEntropy
+    from model.cllm4rec import chunked_vocab_cross_entropy
 
     weight = torch.randn(11, 4, requires_grad=True)
     with pytest.raises(ValueError, match="frozen output layer"):
-        VocabCrossEntropy.apply(torch.randn(3, 4), weight, None, torch.tensor([1, 2, 3]), 2)
+        chunked_vocab_cross_entropy(torch.randn(3, 4), weight, None, torch.tensor([1, 2, 3]), 2)
 
 
 # ----- blocked item scoring ----------------------------------------------------------------------
