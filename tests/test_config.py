@@ -46,3 +46,18 @@ def test_readme_documents_every_config_key():
     for section in dataclasses.fields(cfg):
         for key in dataclasses.fields(getattr(cfg, section.name)):
             assert f"`{section.name}.{key.name}`" in readme, f"README lacks {section.name}.{key.name}"
+
+
+def test_every_deepspeed_config_is_valid_commented_and_documented():
+    import json
+
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    readme = (REPO / "README.md").read_text()
+    paths = sorted((REPO / "configs").glob("ds_*.json"))
+    assert len(paths) >= 6
+    for path in paths:
+        ds = json.loads(path.read_text())
+        assert ds.get("_comment"), f"{path.name} has no _comment"
+        DeepSpeedZeroConfig(**ds["zero_optimization"])  # rejects unknown or misspelled keys
+        assert f"`{path.name}`" in readme, f"README says nothing about {path.name}"

@@ -58,6 +58,12 @@ def test_gradient_checkpointing_gives_the_same_losses(setup):
     assert checkpointed == pytest.approx(plain, rel=1e-6)
 
 
+def test_lowmem_config_with_checkpointing_trains_the_same_losses(setup):
+    plain = _train(setup, "plain-for-lowmem", [])
+    lowmem = _train(setup, "lowmem", ["run.deepspeed=configs/ds_zero3_lowmem.json", "model.gradient_checkpointing=true"])
+    assert lowmem == pytest.approx(plain, rel=1e-6)
+
+
 def test_bf16_trains_stably_next_to_fp32(setup):
     fp32 = _train(setup, "fp32", [], steps=10, plan=("collab",))
     bf16 = _train(setup, "bf16", ["run.deepspeed=configs/ds_zero3_bf16.json"], steps=10, plan=("collab",))
