@@ -44,6 +44,7 @@ def _recipe(name: str, args) -> None:
 
     try:
         main(cfg)
+        _close_process_group()
     except ShardError as error:  # every rank found the same bad shards: one line each, no traceback
         raise SystemExit(f"cllm4rec {name}: {error}") from None
     except Preempted as stop:
@@ -52,7 +53,18 @@ def _recipe(name: str, args) -> None:
         status_file = os.environ.get("CLLM4REC_STATUS_FILE")
         if status_file and os.environ.get("RANK", "0") == "0":
             Path(status_file).write_text("preempted\n")
+        _close_process_group()
         sys.exit(EXIT_PREEMPTED)
+
+
+def _close_process_group() -> None:
+    """After the last collective of every rank. Left to interpreter shutdown, gloo's worker
+    threads can outlive it and abort the process ("terminate called without an active
+    exception") after a finished run."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _build_shards(args) -> None:
