@@ -143,11 +143,14 @@ def tune_host_allocator(ds_config: dict) -> str:
         return "the system's default (no glibc mallopt)"
     m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4  # glibc's malloc.h
     if zero_stage(ds_config) == 3:
-        mallopt(m_mmap_threshold, 64 * 1024)
-        return "blocks of 64 KiB and more are mapped and returned to the system when freed (ZeRO-3)"
-    mallopt(m_mmap_max, 0)
-    mallopt(m_trim_threshold, 2**31 - 1)
-    return "every block from the heap, which keeps freed memory for the next step (ZeRO stage < 3)"
+        settings = [(m_mmap_threshold, 64 * 1024)]
+        choice = "blocks of 64 KiB and more are mapped and returned to the system when freed (ZeRO-3)"
+    else:
+        settings = [(m_mmap_max, 0), (m_trim_threshold, 2**31 - 1)]
+        choice = "every block from the heap, which keeps freed memory for the next step (ZeRO stage < 3)"
+    if not all(mallopt(option, value) == 1 for option, value in settings):  # mallopt returns 1 on success
+        return f"glibc refused the setting for this ZeRO stage ({choice}); set MALLOC_* variables to choose"
+    return choice
 
 
 def zero3_init(ds_config: dict):
@@ -200,9 +203,10 @@ def build_model(cfg: Config, ds_config: dict, num_users: int, num_items: int) ->
     the host allocator is set for the ZeRO stage (tune_host_allocator)."""
     check_supported(cfg, ds_config)
     log.info("host memory: %s", tune_host_allocator(ds_config))
+    dtype = compute_dtype(ds_config)
     base_tokenizer = backbone_io.load_tokenizer(cfg.model.base_dir)
     hf_model, _ = backbone_io.load_backbone(
-        cfg.model.base_dir, cfg.model.attn_implementation, compute_dtype(ds_config),
+        cfg.model.base_dir, cfg.model.attn_implementation, dtype,
         zero3_config=ds_config if zero_stage(ds_config) == 3 and cfg.model.quantization == "none" else None,
         quantization=cfg.model.quantization)
     if cfg.model.gradient_checkpointing:
@@ -229,7 +233,6 @@ def build_model(cfg: Config, ds_config: dict, num_users: int, num_items: int) ->
     # Trainable weights (tables, LoRA) run in the base's dtype: ZeRO-3 keeps one flat buffer of
     # them in a single dtype, and under bf16 the optimizer holds their fp32 master copies.
     # (Partitioned ones were created in that dtype already.)
-    dtype = compute_dtype(ds_config)
     for param in model.parameters():
         if param.requires_grad and not hasattr(param, "ds_id"):
             param.data = param.data.to(dtype)
