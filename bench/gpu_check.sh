@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Short LoRA + ZeRO-3 trainings on one GPU, printing tokens/s and MFU per variant:
-#   bf16 with the attention that `auto` picks (flash-attn 2 when importable, else SDPA, whose
-#   CUDA backend uses flash kernels in bf16), then the same with a 4-bit nf4 base (QLoRA).
+#   bf16 with the attention that `auto` picks (flash-attn 2 when importable, else sdpa_varlen,
+#   whose CUDA SDPA backend uses flash kernels in bf16), then the same with a 4-bit nf4 base (QLoRA).
 # The model is a random LLaMA of about 1B parameters on generated data (nothing is downloaded).
 #
 #   bench/gpu_check.sh --prepare   # on a machine with an index: wheels of deepspeed, webdataset and
@@ -27,7 +27,7 @@ for pkg in deepspeed webdataset bitsandbytes; do
   fi
 done
 python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('gpu:', torch.cuda.get_device_name(), 'torch', torch.__version__)"
-python -c "import flash_attn" 2>/dev/null && echo "flash-attn: importable" || echo "flash-attn: not installed, SDPA (flash kernels) is used"
+python -c "import flash_attn" 2>/dev/null && echo "flash-attn: importable" || echo "flash-attn: not installed, sdpa_varlen (SDPA flash kernels) is used"
 
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} NPROC=1
 OUT=${GPU_CHECK_OUT:-runs/gpu-check}

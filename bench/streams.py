@@ -181,7 +181,7 @@ def _step_gate():
 
 
 PASSED_ON = ("shards", "base", "out", "steps", "content_steps", "batch", "max_text_tokens", "users", "threads",
-             "lora_r", "deepspeed")
+             "lora_r", "deepspeed", "attention")
 
 
 def _step_cost(*results: dict) -> tuple[float, float]:
@@ -199,7 +199,7 @@ def report(args, runs: dict, inference: dict) -> None:
     print(f"\nGPT-2-small-sized random LLaMA (12 layers, 768 dims, GPT-2 vocabulary 50,257, untied head, "
           f"{'paper mode: only the ID tables train' if args.lora_r == 0 else f'LoRA r={args.lora_r}'}), "
           f"full Beauty split, {args.batch} documents per step, {Path(args.deepspeed).name} on 1 process, "
-          f"{args.threads} threads, "
+          f"{args.threads} threads, attention {args.attention}, "
           f"memory limit {args.memory_gib:g} GiB per run; {args.steps} timed steps per collab / rec run and "
           f"{args.content_steps} per content run, after one warm-up step\n")
     head = f"{'stream':8} {'variant':17} {'docs/s':>8} {'tokens/s':>9} {'padded':>7} {'s/step':>7} {'peak RSS':>9}"
@@ -255,6 +255,7 @@ def main() -> None:
     # pass, a fixed cost per step that hides what the streams do (configs/ds_zero2.json says
     # ZeRO-2 is the faster choice whenever the base fits on one device).
     ap.add_argument("--deepspeed", default="configs/ds_zero2.json", help="DeepSpeed config of the training runs")
+    ap.add_argument("--attention", default="auto", help="model.attn_implementation of every run")
     ap.add_argument("--memory-gib", type=float, default=6.0)
     ap.add_argument("--only", default="", help="comma-separated subset: collab,rec,content,inference")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
@@ -301,7 +302,8 @@ def _config(args, variant: str):
     return load_config(str(REPO / "configs" / "beauty_bench.yaml"), [
         f"model.base_dir={args.base}", f"data.shards={args.shards}", f"run.dir={args.out}/{variant}",
         f"data.max_text_tokens={args.max_text_tokens}", f"lora.r={args.lora_r}", "lora.dropout=0",
-        f"run.deepspeed={args.deepspeed}", "run.log_every=1000000", *VARIANTS[variant]])
+        f"run.deepspeed={args.deepspeed}", f"model.attn_implementation={args.attention}", "run.log_every=1000000",
+        *VARIANTS[variant]])
 
 
 def _content_start(reader, collator) -> tuple[int, int]:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 from torch import nn
 
+from model.attention import SDPA_VARLEN, document_layout
 from model.lora import activate_adapter
 
 TASKS = ("collab", "content", "rec", "score", "topk")
@@ -209,20 +210,24 @@ class CLLM4Rec(nn.Module):
         return torch.where(is_item, items, torch.where(is_user, users, vocab))
 
     def hidden_states(self, batch: dict, model: str) -> torch.Tensor:
-        """Last hidden states, (rows, width, dim). A packed batch has no attention_mask: transformers
-        then separates the documents of a row by their position ids (a block-diagonal causal mask
-        for sdpa / eager)."""
+        """Last hidden states, (rows, width, dim). A packed batch has no attention_mask: its
+        documents are told apart by their position ids, by transformers (a block-diagonal causal
+        mask for sdpa / eager, varlen for flash-attn) or by sdpa_varlen (model/attention.py)."""
         self._use(model)
         ids = batch["input_ids"]
         embeds = self.embed(ids, model)
         mask, positions = batch.get("attention_mask"), batch.get("position_ids")
         rows, width = ids.shape
-        if mask is None and rows > 1 and getattr(self._hf().config, "_attn_implementation", "") == "flash_attention_2":
+        attention = getattr(self._hf().config, "_attn_implementation", "")
+        if mask is None and rows > 1 and attention == "flash_attention_2":
             # flash-attn reads documents from position ids (varlen) only in a single row, so the
             # packed rows are laid end to end; each row's padding tail is its own short sequence.
             embeds, positions = embeds.reshape(1, rows * width, -1), positions.reshape(1, -1)
+        extra = {}
+        if mask is None and positions is not None and attention == SDPA_VARLEN:
+            extra["documents"] = document_layout(positions)
         out = self._hf().get_decoder()(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                                       use_cache=False)
+                                       use_cache=False, **extra)
         return out.last_hidden_state.reshape(rows, width, -1)
 
     # ----- losses --------------------------------------------------------------------------------

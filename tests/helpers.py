@@ -21,11 +21,12 @@ def tiny_tokenizer():
     return train_bpe_tokenizer(CORPUS, vocab_size=200)
 
 
-def tiny_model(lora: bool = True, seed: int = 0, lambda_c: float = 1.0):
+def tiny_model(lora: bool = True, seed: int = 0, lambda_c: float = 1.0, attention: str = "sdpa_varlen"):
     base_tok = tiny_tokenizer()
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(base_tok), **TINY_LLAMA)
     hf = LlamaForCausalLM(config)
+    hf.set_attn_implementation(attention)
     hf.requires_grad_(False)
     backbone = add_adapters(hf, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]) if lora else hf
     model = CLLM4Rec(backbone, len(base_tok), NUM_USERS, NUM_ITEMS, LossConfig(lambda_c=lambda_c, vocab_chunk=7))

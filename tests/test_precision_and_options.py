@@ -92,14 +92,15 @@ def test_unknown_quantization_is_a_config_error():
         load_config("configs/quickstart.yaml", ["model.quantization=int3"])
 
 
-def test_attention_choice_on_cpu_is_sdpa_and_logged(setup, caplog):
+def test_attention_choice_on_cpu_is_sdpa_varlen_and_logged(setup, caplog):
     from trainer.backbone import load_backbone
 
-    assert choose_attention("auto", torch.bfloat16) == "sdpa"  # no CUDA here
+    assert choose_attention("auto", torch.bfloat16) == "sdpa_varlen"  # no CUDA here
     assert choose_attention("eager") == "eager"
     with caplog.at_level(logging.INFO):
-        _, attention = load_backbone(str(setup / "tiny"))
-    assert attention == "sdpa" and "attention implementation: sdpa" in caplog.text
+        model, attention = load_backbone(str(setup / "tiny"))
+    assert attention == "sdpa_varlen" and "attention implementation: sdpa_varlen" in caplog.text
+    assert model.config._attn_implementation == "sdpa_varlen"
 
 
 def test_mfu_follows_the_stated_flop_convention():

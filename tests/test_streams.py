@@ -90,12 +90,13 @@ def test_packed_layout_keeps_each_document_whole_with_its_own_positions():
     assert torch.all(packed["targets"][packed["doc_index"] < 0] == -1)
 
 
+@pytest.mark.parametrize("attention", ["sdpa_varlen", "sdpa"])
 @pytest.mark.parametrize("task", ["collab", "content", "rec"])
-def test_packed_batch_gives_every_document_its_unpacked_loss_and_the_same_gradients(task):
+def test_packed_batch_gives_every_document_its_unpacked_loss_and_the_same_gradients(task, attention):
     docs = _content_docs() if task == "content" else _collab_docs()
     results = {}
     for name, kw in (("packed", {"pack_tokens": 200}), ("padded", {"pack": False})):
-        model, tok = tiny_model(seed=2)
+        model, tok = tiny_model(seed=2, attention=attention)
         _nonzero_lora_b(model).train()
         col = _collator(tok, **kw)
         batch = getattr(col, task)(docs, 0)
@@ -128,6 +129,43 @@ def test_packed_documents_do_not_see_their_row_neighbours():
     others = [d for d in range(len(docs)) if d != 1]
     torch.testing.assert_close(before[others], after[others], rtol=1e-6, atol=1e-6)
     assert not torch.isclose(before[1], after[1])
+
+
+def test_sdpa_varlen_equals_the_block_diagonal_mask_in_outputs_and_gradients():
+    """Attention one document at a time (right-padded blocks of similar lengths, model/attention.py)
+    against transformers' sdpa and eager on the whole row with its mask; grouped-query heads."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from model.attention import document_layout
+    from trainer.backbone import TINY_LLAMA
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=50, **TINY_LLAMA)).eval()
+    assert hf.config.num_key_value_heads < hf.config.num_attention_heads
+    lengths, width = [[7, 3, 1, 12, 2], [20, 5], [1]], 26  # the rest of each row is its padding tail
+    positions = torch.zeros(len(lengths), width, dtype=torch.long)
+    for r, row in enumerate(lengths):
+        col = 0
+        for n in row + [width - sum(row)]:
+            positions[r, col:col + n] = torch.arange(n)
+            col += n
+    layout = document_layout(positions)
+    assert len(layout.blocks) > 2 and sum(count for count, _ in layout.blocks) == 8 + 3  # 3 tails
+    embeds = torch.randn(len(lengths), width, hf.config.hidden_size, requires_grad=True)
+    weights = torch.randn(hf.config.hidden_size)
+    results = {}
+    for attention in ("sdpa", "eager", "sdpa_varlen"):
+        hf.set_attn_implementation(attention)
+        extra = {"documents": layout} if attention == "sdpa_varlen" else {}
+        hidden = hf.model(inputs_embeds=embeds, position_ids=positions, use_cache=False, **extra).last_hidden_state
+        results[attention] = (hidden, *torch.autograd.grad((hidden * weights).sum(), embeds))
+    for attention in ("eager", "sdpa_varlen"):
+        for mine, theirs in zip(results[attention], results["sdpa"]):
+            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5, msg=attention)
+    # each document alone gives the same states
+    hf.set_attn_implementation("sdpa")
+    alone = hf.model(inputs_embeds=embeds[1:2, 20:25], use_cache=False).last_hidden_state[0]
+    torch.testing.assert_close(results["sdpa_varlen"][0][1, 20:25], alone, rtol=1e-5, atol=1e-5)
 
 
 def test_packed_score_prompts_give_the_same_item_scores():

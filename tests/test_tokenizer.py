@@ -73,5 +73,5 @@ def test_tiny_model_without_shared_tokenizers_trains_one_on_the_data(tmp_path):
     tok = load_tokenizer(str(tmp_path / "tiny"))
     model, attention = load_backbone(str(tmp_path / "tiny"))
     assert len(tok) <= 500 and model.config.vocab_size == len(tok)
-    assert attention == "sdpa"
+    assert attention == "sdpa_varlen"
     assert not any(p.requires_grad for p in model.parameters())

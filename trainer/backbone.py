@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from model.attention import SDPA_VARLEN  # importing it registers the attention with transformers
+
 log = logging.getLogger(__name__)
 
 TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -30,13 +32,14 @@ def check_base_dir(base_dir: str) -> Path:
 
 
 def choose_attention(requested: str, dtype=torch.float32) -> str:
-    """auto: flash-attn 2 where it can run (CUDA, the package importable, bf16/fp16), else SDPA."""
+    """auto: flash-attn 2 where it can run (CUDA, the package importable, bf16/fp16), else SDPA
+    one document at a time (model/attention.py)."""
     if requested != "auto":
         return requested
     if (torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
             and dtype in (torch.bfloat16, torch.float16)):
         return "flash_attention_2"
-    return "sdpa"
+    return SDPA_VARLEN
 
 
 def load_tokenizer(base_dir: str):
@@ -58,7 +61,7 @@ def load_backbone(base_dir: str, attn_implementation: str = "auto", dtype=torch.
     """
     attention = choose_attention(attn_implementation, dtype)
     log.info("attention implementation: %s (requested %s; flash-attn is used when importable on a GPU in "
-             "bf16/fp16, SDPA otherwise)", attention, attn_implementation)
+             "bf16/fp16, else SDPA one document at a time: sdpa_varlen)", attention, attn_implementation)
     path = check_base_dir(base_dir)
     if quantization == "nf4":
         from transformers import BitsAndBytesConfig

@@ -12,7 +12,7 @@ is rendered identically whichever rank reads it.
 Layout. With `pack` (data.pack) the documents of a batch are packed into as few rows as fit
 (`pack_rows`): each document keeps its own position ids (0, 1, ...), and there is no
 attention_mask, so the model separates the documents of a row by their position ids (a
-block-diagonal causal mask; flash-attn's varlen kernel). Without it, one document per row, padded
+block-diagonal causal mask; sdpa_varlen and flash-attn's varlen kernel attend each document alone). Without it, one document per row, padded
 to the longest (attention_mask). Either way `doc_index[r, c]` is the document at that position
 (-1: padding) and `last_index[d]` the flat index (r * width + c) of document d's last token.
 Packing only rearranges the documents the reader gave this rank for this step, so which
@@ -51,7 +51,7 @@ def pack_rows(lengths: list[int], pack_tokens: int) -> list[list[int]]:
     so the padding is what is left at the row ends. Deterministic in the lengths.
 
     `pack_tokens` bounds a row because with sdpa / eager attention a row costs width^2 (the
-    masked-out pairs are computed too); flash-attn's varlen kernel does not pay that.
+    masked-out pairs are computed too); sdpa_varlen and flash-attn's varlen kernel do not pay that.
     """
     order = sorted(range(len(lengths)), key=lambda d: (-lengths[d], d))
     longest, total = max(lengths), sum(lengths)

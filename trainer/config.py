@@ -17,7 +17,10 @@ import yaml
 class ModelSection:
     base_dir: str = ""  # local directory of a Hugging Face causal LM: config, weights and tokenizer
     add_bos: bool = True  # prepend the base's BOS token to every prompt (ignored if it has none)
-    attn_implementation: str = "auto"  # auto = flash_attention_2 when importable, else sdpa; or sdpa / eager
+    # auto = flash_attention_2 when importable, else sdpa_varlen (SDPA one document at a time; a
+    # packed row then costs its documents' attention pairs, not width^2); or sdpa / eager, which
+    # attend a packed row whole through a block-diagonal mask
+    attn_implementation: str = "auto"
     init_std: float = 0.02  # ID-table init N(0, init_std^2), the reference's
     quantization: str = "none"  # none, or nf4: the frozen base in 4-bit via bitsandbytes (QLoRA); LoRA + ID tables train
     gradient_checkpointing: bool = False  # recompute each decoder layer's activations in backward: less memory, ~1/3 more compute
@@ -222,5 +225,5 @@ def _validate(cfg: Config) -> None:
             raise ValueError(f"{name} must be >= 0, got {value}")
     if cfg.model.quantization not in ("none", "nf4"):
         raise ValueError(f"model.quantization must be 'none' or 'nf4', got {cfg.model.quantization!r}")
-    if cfg.model.attn_implementation not in ("auto", "sdpa", "eager", "flash_attention_2"):
+    if cfg.model.attn_implementation not in ("auto", "sdpa_varlen", "sdpa", "eager", "flash_attention_2"):
         raise ValueError(f"model.attn_implementation: unknown value {cfg.model.attn_implementation!r}")
