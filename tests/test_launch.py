@@ -47,3 +47,16 @@ def test_deepspeed_env_keeps_other_lines_and_lists_what_ranks_need(tmp_path):
     assert "MY_SETTING=1" in lines and "MASTER_ADDR=10.0.0.9" in lines and "MASTER_ADDR=old" not in lines
     assert "MY_TOKEN=abc" in lines
     assert "MALLOC_MMAP_THRESHOLD_=131072" in lines and any(line.startswith("PATH=") for line in lines)
+
+
+def test_command_line_flushes_its_output_and_returns_its_status(tmp_path):
+    """`python -m trainer.cli` ends with os._exit (trainer/cli.py run): what was printed still
+    arrives through a pipe, and the status is the subcommand's."""
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "trainer.cli", "synthetic-data", "--output", str(tmp_path / "data")],
+                          cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0 and "wrote a synthetic CLLM4Rec-format dataset" in done.stdout, done.stderr
+    failed = subprocess.run([sys.executable, "-m", "trainer.cli", "pretrain", "--config", str(tmp_path / "no.yaml")],
+                            cwd=REPO, capture_output=True, text=True)
+    assert failed.returncode == 1 and "no.yaml not found" in failed.stderr

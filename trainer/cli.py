@@ -26,7 +26,7 @@ from trainer.config import load_config
 SHARED_TOKENIZERS = Path(__file__).resolve().parents[1].parent / "shared" / "tokenizers"
 
 
-def _recipe(name: str, args) -> None:
+def _recipe(name: str, args) -> int:
     try:
         resume = [f"run.resume={args.resume}"] if getattr(args, "resume", None) else []
         cfg = load_config(args.config, [*args.overrides, *resume])
@@ -44,7 +44,7 @@ def _recipe(name: str, args) -> None:
 
     try:
         main(cfg)
-        _close_process_group()
+        code = 0
     except ShardError as error:  # every rank found the same bad shards: one line each, no traceback
         raise SystemExit(f"cllm4rec {name}: {error}") from None
     except Preempted as stop:
@@ -53,14 +53,13 @@ def _recipe(name: str, args) -> None:
         status_file = os.environ.get("CLLM4REC_STATUS_FILE")
         if status_file and os.environ.get("RANK", "0") == "0":
             Path(status_file).write_text("preempted\n")
-        _close_process_group()
-        sys.exit(EXIT_PREEMPTED)
+        code = EXIT_PREEMPTED
+    _close_process_group()
+    return code
 
 
 def _close_process_group() -> None:
-    """After the last collective of every rank. Left to interpreter shutdown, gloo's worker
-    threads can outlive it and abort the process ("terminate called without an active
-    exception") after a finished run."""
+    """After the last collective of every rank."""
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -264,7 +263,8 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Runs one subcommand in this interpreter; returns the exit status (75: preempted)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     # bitsandbytes (imported by peft) warns about an optional CPU kernel package it lacks; the
     # 4-bit path is not used unless asked for.
@@ -276,8 +276,23 @@ def main(argv: list[str] | None = None) -> None:
         args.overrides += rest
     elif rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
-    args.func(args)
+    code = args.func(args)  # the training subcommands return theirs; the others end normally
+    return code if isinstance(code, int) else 0
+
+
+def run() -> None:
+    """The command line (`cllm4rec`, `python -m trainer.cli`): main, then the process ends
+    without interpreter finalization. gloo's worker threads can still hold work with tensors when
+    Python shuts down, even after destroy_process_group; taking the GIL during finalization then
+    aborts a rank of a finished run ("terminate called without an active exception", exit -6;
+    pytorch/pytorch#190489 and the abandoned fix #179291). Everything is saved and closed by
+    then; the logs and streams are flushed here."""
+    code = main(sys.argv[1:])
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run()
