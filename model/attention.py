@@ -100,16 +100,15 @@ def sdpa_varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     batch, heads, width, head_dim = query.shape
-    layout = documents
 
     def to_slots(t):  # (slots, heads, head_dim)
         flat = t.transpose(1, 2).reshape(batch * width, t.shape[1], head_dim)
-        return _Regroup.apply(flat, layout.position_of_slot, layout.slot_of_position)
+        return _Regroup.apply(flat, documents.position_of_slot, documents.slot_of_position)
 
     q, k, v = to_slots(query), to_slots(key), to_slots(value)
     gqa = key.shape[1] != heads
     outputs, slot = [], 0
-    for count, length in layout.blocks:
+    for count, length in documents.blocks:
         size = count * length
 
         def block(t):
@@ -120,8 +119,8 @@ def sdpa_varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
         outputs.append(out.transpose(1, 2).reshape(size, heads, head_dim))
         slot += size
     out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
-    return _Regroup.apply(out, layout.slot_of_position, layout.position_or_none).view(batch, width, heads,
-                                                                                       head_dim), None
+    out = _Regroup.apply(out, documents.slot_of_position, documents.position_or_none)
+    return out.view(batch, width, heads, head_dim), None
 
 
 AttentionInterface.register(SDPA_VARLEN, sdpa_varlen_attention)

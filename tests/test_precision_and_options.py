@@ -92,6 +92,11 @@ def test_unknown_quantization_is_a_config_error():
         load_config("configs/quickstart.yaml", ["model.quantization=int3"])
 
 
+def test_unknown_attention_is_a_config_error_that_lists_the_choices():
+    with pytest.raises(ValueError, match="model.attn_implementation: unknown value 'flash'; use one of auto, sdpa_varlen"):
+        load_config("configs/quickstart.yaml", ["model.attn_implementation=flash"])
+
+
 def test_attention_choice_on_cpu_is_sdpa_varlen_and_logged(setup, caplog):
     from trainer.backbone import load_backbone
 

@@ -12,9 +12,10 @@ is rendered identically whichever rank reads it.
 Layout. With `pack` (data.pack) the documents of a batch are packed into as few rows as fit
 (`pack_rows`): each document keeps its own position ids (0, 1, ...), and there is no
 attention_mask, so the model separates the documents of a row by their position ids (a
-block-diagonal causal mask; sdpa_varlen and flash-attn's varlen kernel attend each document alone). Without it, one document per row, padded
-to the longest (attention_mask). Either way `doc_index[r, c]` is the document at that position
-(-1: padding) and `last_index[d]` the flat index (r * width + c) of document d's last token.
+block-diagonal causal mask; sdpa_varlen and flash-attn's varlen kernel attend each document
+alone). Without it, one document per row, padded to the longest (attention_mask). Either way
+`doc_index[r, c]` is the document at that position (-1: padding) and `last_index[d]` the flat
+index (r * width + c) of document d's last token.
 Packing only rearranges the documents the reader gave this rank for this step, so which
 documents train together, and resume, do not change.
 """

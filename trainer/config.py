@@ -225,5 +225,7 @@ def _validate(cfg: Config) -> None:
             raise ValueError(f"{name} must be >= 0, got {value}")
     if cfg.model.quantization not in ("none", "nf4"):
         raise ValueError(f"model.quantization must be 'none' or 'nf4', got {cfg.model.quantization!r}")
-    if cfg.model.attn_implementation not in ("auto", "sdpa_varlen", "sdpa", "eager", "flash_attention_2"):
-        raise ValueError(f"model.attn_implementation: unknown value {cfg.model.attn_implementation!r}")
+    attentions = ("auto", "sdpa_varlen", "sdpa", "eager", "flash_attention_2")
+    if cfg.model.attn_implementation not in attentions:
+        raise ValueError(f"model.attn_implementation: unknown value {cfg.model.attn_implementation!r}; "
+                         f"use one of {', '.join(attentions)}")
