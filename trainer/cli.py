@@ -276,8 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += rest
     elif rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
-    code = args.func(args)  # the training subcommands return theirs; the others end normally
-    return code if isinstance(code, int) else 0
+    return args.func(args) or 0  # the training subcommands return their status, the others None
 
 
 def run() -> None:
