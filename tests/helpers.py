@@ -82,3 +82,53 @@ def toy_engine(base_dir, shards, *overrides: str):
     model, tok = build_model(cfg, ds_config, 40, 30)
     optimizer = AlternatingAdamW(param_groups(model, 0.0), lr=0.01)
     return build_engine(model, ds_config, optimizer), optimizer, tok
+
+
+def write_tiny_gguf(path: Path, architecture: str = "llama") -> Path:
+    """A tiny random LLaMA as a GGUF file in float32 (tied embeddings: no `output.weight`), with a
+    byte-level BPE tokenizer, written with the `gguf` package as llama.cpp lays such files out."""
+    import json
+
+    import gguf
+    import numpy as np
+
+    from trainer.backbone import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(CORPUS, vocab_size=400)  # large enough to need merges
+    state = json.loads(tok.backend_tokenizer.to_str())
+    tokens = sorted(state["model"]["vocab"], key=state["model"]["vocab"].get)
+    hidden, layers, ffn, heads, kv_heads = 64, 2, 128, 4, 2
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_context_length(256)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_token_types([1] * len(tokens))
+    writer.add_token_merges([" ".join(m) for m in state["model"]["merges"]])
+    writer.add_bos_token_id(tok.bos_token_id)
+    writer.add_eos_token_id(tok.eos_token_id)
+    writer.add_pad_token_id(tok.pad_token_id)
+    rng = np.random.default_rng(0)
+    kv = kv_heads * hidden // heads
+    shapes = {"token_embd.weight": (len(tokens), hidden), "output_norm.weight": (hidden,)}
+    for i in range(layers):
+        shapes.update({f"blk.{i}.attn_q.weight": (hidden, hidden), f"blk.{i}.attn_k.weight": (kv, hidden),
+                       f"blk.{i}.attn_v.weight": (kv, hidden), f"blk.{i}.attn_output.weight": (hidden, hidden),
+                       f"blk.{i}.ffn_gate.weight": (ffn, hidden), f"blk.{i}.ffn_up.weight": (ffn, hidden),
+                       f"blk.{i}.ffn_down.weight": (hidden, ffn), f"blk.{i}.attn_norm.weight": (hidden,),
+                       f"blk.{i}.ffn_norm.weight": (hidden,)})
+    for name, shape in shapes.items():
+        values = np.ones(shape) if len(shape) == 1 else rng.standard_normal(shape) * 0.02
+        writer.add_tensor(name, values.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -68,8 +68,7 @@ def load_backbone(base_dir: str, attn_implementation: str = "auto", dtype=torch.
 
         four_bit = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
                                       bnb_4bit_quant_storage=dtype)
-        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attention, dtype=dtype,
-                                                     quantization_config=four_bit)
+        model = _from_pretrained(path, attn_implementation=attention, dtype=dtype, quantization_config=four_bit)
         log.info("base loaded in 4-bit nf4 (bitsandbytes), compute dtype %s", dtype)
     elif zero3_config is not None and (weight_map := _safetensors_weight_map(path)) is not None:
         model = load_partitioned(path, weight_map, attention, dtype, zero3_config)
@@ -80,10 +79,35 @@ def load_backbone(base_dir: str, attn_implementation: str = "auto", dtype=torch.
             from transformers.integrations import HfDeepSpeedConfig
 
             keep_alive = HfDeepSpeedConfig(zero3_config)  # noqa: F841  (read by from_pretrained)
-        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attention, dtype=dtype)
+        model = _from_pretrained(path, attn_implementation=attention, dtype=dtype)
+    _log_head(model, path)
     model.requires_grad_(False)
     model.config.use_cache = False
     return model, attention
+
+
+def _from_pretrained(path: Path, **kwargs):
+    """transformers' loading, except that a weight missing from the checkpoint is an error: it would
+    otherwise be initialised at random with only a log line (an untied model without its head)."""
+    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise KeyError(f"{path}: the checkpoint lacks {len(missing)} weight(s) of the model, e.g. {missing[:3]}"
+                       f"{_TIE_HINT if any('lm_head' in m for m in missing) else ''}")
+    return model
+
+
+_TIE_HINT = ("; config.json says tie_word_embeddings: false, so the model needs its own output head. If the head "
+             "is the input embedding, the config must say tie_word_embeddings: true")
+
+
+def _log_head(model, path: Path) -> None:
+    """Tied bases (LLaMA-3.2, Qwen2.5, Gemma, SmolLM) store no lm_head: their vocabulary head is
+    the input embedding, which every loading path must keep."""
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    if tied and model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+        raise RuntimeError(f"{path}: config.json ties the embeddings, but the loaded head is a separate weight")
+    log.info("vocabulary head: %s", "the input embedding (tied embeddings)" if tied else "its own weight (untied)")
 
 
 def _safetensors_weight_map(path: Path) -> dict[str, Path] | None:
@@ -122,13 +146,25 @@ def load_partitioned(path: Path, weight_map: dict[str, Path], attention: str, dt
             set_zero3_state():
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), attn_implementation=attention,
                                                  dtype=dtype)
-    params = dict(model.named_parameters())
+    # transformers ties the head to the input embedding while it loads a checkpoint, not when it
+    # builds a model from its config: tie here, so both names share one partitioned parameter.
+    model.tie_weights()
+    names_of: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    params = dict(model.named_parameters())  # a tied weight once, under its first name
     prefix = f"{model.base_model_prefix}."
-    stored_name = {name: name if name in weight_map else name.removeprefix(prefix) for name in params}
-    missing = [name for name, stored in stored_name.items() if stored not in weight_map]
+    stored_name, missing = {}, []
+    for name, param in params.items():
+        candidates = [c for alias in names_of[id(param)] for c in (alias, alias.removeprefix(prefix))]
+        found = [c for c in candidates if c in weight_map]
+        if found:
+            stored_name[name] = found[0]
+        else:
+            missing.append(name)
     if missing:
         raise KeyError(f"{path}: the safetensors checkpoint lacks {len(missing)} weight(s) of the model, e.g. "
-                       f"{missing[:3]}; re-save it with save_pretrained, or use a ZeRO-2 config")
+                       f"{missing[:3]}{_TIE_HINT if any('lm_head' in m for m in missing) else ''}")
     by_file: dict[Path, list[str]] = {}
     for name, stored in stored_name.items():
         by_file.setdefault(weight_map[stored], []).append(name)
@@ -198,4 +234,18 @@ def write_tiny_llama(out_dir: str, tokenizer: PreTrainedTokenizerFast, seed: int
     tokenizer.save_pretrained(out)
     log.info("wrote a tiny random LLaMA (%d parameters, vocab %d) to %s",
              sum(p.numel() for p in model.parameters()), len(tokenizer), out)
+    return out
+
+
+def write_random_like(source_dir: str, out_dir: str, seed: int = 0) -> Path:
+    """A base with the architecture and tokenizer of `source_dir` and fresh random weights
+    (transformers' own initialisation): what a pretrained base is worth is measured against it."""
+    from transformers import AutoConfig
+
+    source, out = check_base_dir(source_dir), Path(out_dir)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), dtype=torch.float32)
+    model.save_pretrained(out)
+    load_tokenizer(source_dir).save_pretrained(out)
+    log.info("wrote %s with the architecture and tokenizer of %s and random weights (seed %d)", out, source, seed)
     return out

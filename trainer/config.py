@@ -24,6 +24,9 @@ class ModelSection:
     init_std: float = 0.02  # ID-table init N(0, init_std^2), the reference's
     quantization: str = "none"  # none, or nf4: the frozen base in 4-bit via bitsandbytes (QLoRA); LoRA + ID tables train
     gradient_checkpointing: bool = False  # recompute each decoder layer's activations in backward: less memory, ~1/3 more compute
+    # false: no content LLM (an ablation, not the paper): no content epochs in pretraining or
+    # finetuning and no mutual regularization, so only the collaborative model and the rec head train
+    content: bool = True
 
 
 @dataclass

@@ -225,7 +225,9 @@ def build_model(cfg: Config, ds_config: dict, num_users: int, num_items: int) ->
     else:
         backbone = hf_model
         mode = "paper mode: LoRA off, only the ID tables train"
-    loss = LossConfig(cfg.loss.lambda_c, cfg.loss.lambda_l, cfg.loss.vocab_chunk)
+    loss = LossConfig(cfg.loss.lambda_c if cfg.model.content else 0.0, cfg.loss.lambda_l, cfg.loss.vocab_chunk)
+    if not cfg.model.content:
+        mode += "; no content model (model.content=false): no content epochs, no mutual regularization"
     # Under ZeRO-3 the ID tables (rows x hidden size: gigabytes for large catalogues) are
     # partitioned as they are created.
     with zero3_init(ds_config):
@@ -236,7 +238,7 @@ def build_model(cfg: Config, ds_config: dict, num_users: int, num_items: int) ->
     for param in model.parameters():
         if param.requires_grad and not hasattr(param, "ds_id"):
             param.data = param.data.to(dtype)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     log.info("model: %s; %d users, %d items; %s trainable parameters", mode, num_users, num_items, f"{trainable:,}")
     return model, tokenizer
 
@@ -283,6 +285,13 @@ def build_engine(model: CLLM4Rec, ds_config: dict, optimizer=None):
     import deepspeed
 
     global _setup_peak_mb
+    if optimizer is None and (stage := zero_stage(ds_config)) in (1, 2):
+        # ZeRO-1/2 partition an optimizer's states and the gradients, which evaluation has none of
+        # (DeepSpeed refuses those stages without an optimizer); every rank holds the whole model
+        # under them anyway, so it runs as it would have.
+        ds_config = {**ds_config, "zero_optimization": {"stage": 0}}
+        log.info("no optimizer (evaluation): ZeRO stage %s has nothing to partition, the engine runs at stage 0",
+                 stage)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     _setup_peak_mb = peak_rss_mb()
     return engine

@@ -54,7 +54,7 @@ def main(cfg: Config) -> Path:
     log.info("finetune on %d rank(s): %d users, %d epochs, target=%s", world, rec_reader.num_docs, f.epochs, f.target)
 
     phases = [(epoch, phase) for epoch in range(f.epochs) for phase in ("rec", "content")
-              if phase == "rec" or f.content_epochs]
+              if phase == "rec" or (f.content_epochs and cfg.model.content)]
     readers = {"rec": rec_reader, "content": content_reader}
     batchers = {"rec": collator.rec, "content": collator.content}
     checkpoints = Checkpointer(engine, out_dir, cfg.run.save_every_steps, cfg.run.keep_checkpoints, cfg.to_dict())

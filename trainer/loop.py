@@ -15,7 +15,8 @@ from trainer.optim import AlternatingAdamW
 class TrainLog:
     """Every step as a JSON line in <stage dir>/train_log.jsonl (rank 0), and a console line
     every `log_every` steps. `tokens`: real (non-padding) tokens of the step over all ranks;
-    `pad_frac`: the share of padding among the positions the model processed. With
+    `pad_frac`: the share of padding among the positions the model processed; `peak_rss_mb`: each
+    rank's peak resident memory so far. With
     `log_documents`, every rank also writes the keys of the documents it trained on to
     <stage dir>/documents-rank<r>.jsonl.
 
@@ -69,16 +70,21 @@ def _keep_steps_up_to(path: Path, step: int) -> None:
     path.write_text("".join(kept))
 
 
-def _step_stats(out: dict, batch: dict) -> tuple[float, float, float, int, float]:
+def _step_stats(out: dict, batch: dict) -> tuple[float, float, float, int, float, list[float]]:
     """Loss, nll, reg (means over ranks), real tokens and padded fraction (over all ranks'
-    batches), in one all_reduce."""
+    batches), and every rank's peak RSS so far (MB), in one all_reduce."""
+    from trainer.engine import peak_rss_mb
+
     real = int((batch["doc_index"] >= 0).sum())
-    tensor = torch.tensor([out["loss"].item(), out["nll"].item(), out["reg"].item(), real,
-                           batch["input_ids"].numel()], dtype=torch.float64)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tensor = torch.zeros(5 + world, dtype=torch.float64)
+    tensor[:5] = torch.tensor([out["loss"].item(), out["nll"].item(), out["reg"].item(), real,
+                               batch["input_ids"].numel()], dtype=torch.float64)
+    tensor[5 + rank] = peak_rss_mb()  # each rank fills its own slot: the sum is the list
     dist.all_reduce(tensor)
-    loss, nll, reg, real, positions = tensor.tolist()
-    world = dist.get_world_size()
-    return loss / world, nll / world, reg / world, int(real), 1.0 - real / max(positions, 1.0)
+    loss, nll, reg, real, positions = tensor[:5].tolist()
+    return (loss / world, nll / world, reg / world, int(real), 1.0 - real / max(positions, 1.0),
+            tensor[5:].tolist())
 
 
 def train_epoch(engine, optimizer: AlternatingAdamW, reader, make_batch, task: str, model_name: str,
@@ -101,14 +107,14 @@ def train_epoch(engine, optimizer: AlternatingAdamW, reader, make_batch, task: s
         out = engine(task, batch)
         engine.backward(out["loss"])
         engine.step()
-        loss, nll, reg, tokens, pad_frac = _step_stats(out, batch)
+        loss, nll, reg, tokens, pad_frac, peak_rss = _step_stats(out, batch)
         total += loss
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         log.write({"stage": label, "task": task, "epoch": epoch, "loss": loss, "nll": nll, "reg": reg,
                    "docs": len(docs) * dist.get_world_size(), "tokens": tokens, "pad_frac": round(pad_frac, 4),
                    "data_s": round(start - waited, 4),
-                   "step_s": round(time.perf_counter() - start, 4)}, bar, docs)
+                   "step_s": round(time.perf_counter() - start, 4), "peak_rss_mb": peak_rss}, bar, docs)
         if after_step is not None:
             after_step(step + 1, total, steps)
         waited = time.perf_counter()

@@ -28,7 +28,9 @@ from trainer.optim import AlternatingAdamW, param_groups
 log = logging.getLogger("cllm4rec")
 
 
-def epoch_plan(content_warmup_epochs: int, rounds: int) -> list[str]:
+def epoch_plan(content_warmup_epochs: int, rounds: int, content: bool = True) -> list[str]:
+    if not content:  # model.content=false: the collaborative model alone
+        return ["collab"] * rounds
     return ["content"] * content_warmup_epochs + ["collab", "content"] * rounds
 
 
@@ -49,7 +51,7 @@ def main(cfg: Config) -> Path:
     readers = {"collab": stream_reader(cfg, "collab", p.collab_batch_size),
                "content": stream_reader(cfg, "content", p.content_batch_size)}
     batchers = {"collab": collator.collab, "content": collator.content}
-    plan = epoch_plan(p.content_warmup_epochs, p.rounds)
+    plan = epoch_plan(p.content_warmup_epochs, p.rounds, cfg.model.content)
     checkpoints = Checkpointer(engine, out_dir, cfg.run.save_every_steps, cfg.run.keep_checkpoints, cfg.to_dict())
     resume_from = checkpoints.find(cfg.run.resume)
     state = checkpoints.load(resume_from) if resume_from else None
