@@ -16,7 +16,7 @@ from pathlib import Path
 
 from trainer.batching import Collator
 from trainer.config import load_config
-from trainer.engine import build_engine, build_model, init_distributed, load_ds_config, stream_reader
+from trainer.engine import build_engine, build_model, init_distributed, load_ds_config, stream_readers
 from trainer.loop import TrainLog, train_epoch
 from trainer.optim import AlternatingAdamW, param_groups
 
@@ -68,7 +68,7 @@ def main() -> None:
     rows = []
     for stream, batch, make in (("collab", p.collab_batch_size, collator.collab),
                                 ("content", p.content_batch_size, collator.content)):
-        reader = stream_reader(cfg, stream, batch)
+        reader = stream_readers(cfg, {stream: batch})[stream]
         steps = min(args.steps, reader.steps_per_epoch)
         start = time.perf_counter()
         docs = sum(len(d) for _, d, _ in reader.loader(1, 0, steps, make, args.workers))

@@ -24,7 +24,7 @@ import hashlib
 import json
 import logging
 import os
-import shutil
+import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -128,6 +128,22 @@ def _check_dataset(ds: RawDataset) -> None:
             raise ValueError(f"dataset.texts[{k}]: unknown kind {rec.kind!r} (expected one of {TEXT_KINDS})")
 
 
+def _written_by_a_build(relative: str) -> bool:
+    """Whether a path (relative to the shard folder, with /) is one that build_shards writes."""
+    return bool(re.fullmatch(rf"(?:{INDEX_NAME}|(?:{'|'.join(STREAMS)})/(?:{'|'.join(STREAMS)})-\d{{5}}\.tar"
+                             rf"|splits/(?:{'|'.join(SPLIT_NAMES)})\.npz|id_maps/(?:users|items)\.json)(?:\.tmp)?",
+                             relative))
+
+
+def _write_json_list(path: Path, values: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(values, f, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"{out_dir} exists and is not a directory; choose another output folder")
@@ -136,27 +152,30 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
             raise FileExistsError(f"{out_dir} is not empty; refusing to overwrite it. Pass overwrite=True "
                                   "(cllm4rec build-shards --overwrite) to replace its shards, or choose an "
                                   "empty/new output folder")
-        # Remove only what a build writes; anything else in the folder is left alone.
-        for name in _OWNED:
-            p = out_dir / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-        others = sorted(p.name for p in out_dir.iterdir())
-        if others:
-            log.warning("%s: keeping files that build-shards does not own: %s", out_dir, others[:10])
+        # Remove only the files a build writes; anything else, inside its folders too, is left alone.
+        kept = []
+        for path in sorted(out_dir.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            relative = path.relative_to(out_dir).as_posix()
+            if path.is_file() and _written_by_a_build(relative):
+                path.unlink()
+            elif path.is_dir() and relative in _OWNED and not any(path.iterdir()):
+                path.rmdir()
+            elif path.is_file():
+                kept.append(relative)
+        if kept:
+            log.warning("%s: keeping files that build-shards does not own: %s", out_dir, kept[:10])
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
 def build_shards(dataset: RawDataset, out_dir, docs_per_shard: int = 2000, overwrite: bool = False,
-                 source: dict | None = None, extra: dict | None = None) -> dict:
+                 source: dict | None = None, extra: dict | None = None, extra_lists: dict | None = None) -> dict:
     """Write ``dataset`` as shards under ``out_dir`` (layout in the module docstring); return the index.
 
     Order is deterministic: collab/rec docs by user ascending, content docs in load order.
     Refuses a non-empty ``out_dir`` unless ``overwrite=True``. ``index.json`` is written last
     (atomically), so a folder without it is an unfinished build. ``extra`` keys (e.g. a
     preprocessing report) are merged into index.json; they may not replace the keys above.
+    ``extra_lists`` ({relative path under id_maps/: JSON list}) are written before index.json too.
     """
     if int(docs_per_shard) < 1:
         raise ValueError(f"docs_per_shard must be >= 1, got {docs_per_shard}")
@@ -167,7 +186,7 @@ def build_shards(dataset: RawDataset, out_dir, docs_per_shard: int = 2000, overw
 
     train = sp.csr_matrix(dataset.train, dtype=np.float32)
     splits = {}
-    (out_dir / "splits").mkdir()
+    (out_dir / "splits").mkdir(exist_ok=True)
     for name in SPLIT_NAMES:
         m = sp.csr_matrix(getattr(dataset, name), dtype=np.float32)
         m.sort_indices()
@@ -195,6 +214,10 @@ def build_shards(dataset: RawDataset, out_dir, docs_per_shard: int = 2000, overw
     if clash:
         raise ValueError(f"extra index keys {clash} would replace keys build_shards writes")
     index.update(extra or {})
+    for relative, values in (extra_lists or {}).items():
+        if not _written_by_a_build(relative):
+            raise ValueError(f"extra list {relative!r}: build_shards writes only id_maps/users.json and items.json")
+        _write_json_list(out_dir / relative, values)
     tmp = out_dir / (INDEX_NAME + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(index, f, indent=1, ensure_ascii=False)

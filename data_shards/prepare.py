@@ -54,7 +54,7 @@ import json
 import logging
 import math
 import os
-import shutil
+import tempfile
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,18 +146,15 @@ def prepare(options: PrepareOptions, output, docs_per_shard: int = 2000, overwri
     out = Path(output)
     _check_output(out, overwrite)
     prep = preprocess(options)
-    if overwrite:
-        # id_maps/ is prepare's own output; build_shards removes only what it writes itself.
-        shutil.rmtree(out / ID_MAPS, ignore_errors=True)
     maps = {"users": f"{ID_MAPS}/users.json", "items": f"{ID_MAPS}/items.json"}
     source = {"format": options.source, "input": str(Path(options.input).resolve())}
     for name in ("meta", "item_texts", "user_texts", "reviews"):
         if getattr(options, name) is not None:
             source[name] = str(Path(getattr(options, name)).resolve())
+    # The id maps are written before index.json, the folder's completion marker.
     index = build_shards(prep.dataset, out, docs_per_shard=docs_per_shard, overwrite=overwrite, source=source,
-                         extra={"preprocessing": prep.report, "id_maps": maps})
-    _write_json_list(out / maps["users"], prep.user_names)
-    _write_json_list(out / maps["items"], prep.item_names)
+                         extra={"preprocessing": prep.report, "id_maps": maps},
+                         extra_lists={maps["users"]: prep.user_names, maps["items"]: prep.item_names})
     return index
 
 
@@ -236,15 +233,13 @@ def _check_output(out: Path, overwrite: bool) -> None:
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} is not empty; refusing to overwrite it. Pass --overwrite to replace its "
                               "shards, or choose an empty/new output folder")
-
-
-def _write_json_list(path: Path, values: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(values, f, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    try:  # a real write, before the long preprocessing: permissions, a read-only mount, a full disk
+        with tempfile.TemporaryDirectory(prefix=".write-check-", dir=existing):
+            pass
+    except OSError as error:
+        raise PermissionError(f"{out}: cannot write there ({existing}: {error.strerror}); choose another output "
+                              "folder") from None
 
 
 # ----------------------------------------------------------------------------- interactions

@@ -80,6 +80,11 @@ def load_index(shard_dir) -> dict:
     version = index.get("format_version") if isinstance(index, dict) else None
     if version != FORMAT_VERSION:
         raise ShardError(f"{path} has format_version {version!r}, this code reads {FORMAT_VERSION}; {_REBUILD}")
+    listed = [f"splits/{name}.npz" for name in SPLIT_NAMES] + sorted((index.get("id_maps") or {}).values())
+    missing = [name for name in listed if not (Path(shard_dir) / name).is_file()]
+    if missing:
+        raise ShardError(f"{path} lists {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} missing "
+                         f"from {shard_dir}: the folder was not finished; {_REBUILD}")
     return index
 
 

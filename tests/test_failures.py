@@ -43,3 +43,42 @@ def test_a_document_a_worker_cannot_read_ends_every_process(tmp_path, ranks):
     time.sleep(6)  # a worker notices within a few seconds that its rank is gone
     left = subprocess.run(["pgrep", "-f", str(tmp_path / "shards")], capture_output=True, text=True).stdout
     assert not left.strip(), f"processes still running: {left}"
+
+
+def _cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "trainer.cli", *args], cwd=REPO, env=launcher_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_input_errors_of_a_recipe_are_one_line(tmp_path):
+    """A missing index.json, and bad shards in two streams, found before the base is loaded (the
+    base folder here does not even exist) and every bad stream named."""
+    (tmp_path / "empty").mkdir()
+    done = _cli("pretrain", "--config", "configs/quickstart.yaml", f"data.shards={tmp_path / 'empty'}",
+                f"model.base_dir={tmp_path / 'no-base'}", f"run.dir={tmp_path / 'run'}")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].startswith(f"cllm4rec pretrain: {tmp_path / 'empty' / 'index.json'} "
+                                                          "not found")
+    data = write_synthetic_cllm4rec(tmp_path / "data", num_users=40, num_items=30, seed=1)
+    main_build(data, tmp_path / "shards", docs_per_shard=40)
+    for stream in ("collab", "content"):
+        shard = sorted((tmp_path / "shards" / stream).glob("*.tar"))[0]
+        shard.write_bytes(shard.read_bytes()[:-1024])
+    done = _cli("pretrain", "--config", "configs/quickstart.yaml", f"data.shards={tmp_path / 'shards'}",
+                f"model.base_dir={tmp_path / 'no-base'}", f"run.dir={tmp_path / 'run'}")
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert last.startswith("cllm4rec pretrain: stream 'collab': shard") and "stream 'content': shard" in last, last
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--users", "1", "--k", "0"], "--k 0: how many items to recommend, at least 1"),
+    (["--history", "abc"], "--history 'abc': expected comma-separated integer ids"),
+    (["--users", "3,x"], "--users '3,x': expected comma-separated integer ids like 3,17,42 or all"),
+    (["--history", ","], "--history is empty")])
+def test_recommend_arguments_are_checked(tmp_path, args, says):
+    from trainer.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["recommend", "--bundle", str(tmp_path), *args])
+    assert says in str(stop.value.code)

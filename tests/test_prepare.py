@@ -618,3 +618,53 @@ def test_cli_prepare(tmp_path, capsys):
     assert load_index(tmp_path / "o2")["preprocessing"]["settings"]["rating_above"] is None
     with pytest.raises(SystemExit, match="--split"):
         cli_main(["prepare", "--source", "amazon", "--input", str(path), "--output", str(out), "--split", "a,b"])
+
+
+def test_id_maps_are_written_before_the_completion_marker(tmp_path, monkeypatch):
+    """A kill between the maps and index.json must not leave a folder that looks finished."""
+    from data_shards import build
+    from data_shards.reader import ShardError, load_index
+
+    path, _ = _random_file(tmp_path, seed=1)
+    written = []
+    real = build._write_json_list
+
+    def record_then_die_on_items(p, values):
+        written.append(p.name)
+        if p.name == "items.json":
+            raise KeyboardInterrupt  # stands in for a SIGKILL at this moment
+        real(p, values)
+
+    monkeypatch.setattr(build, "_write_json_list", record_then_die_on_items)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(_amazon(path, kcore=0), tmp_path / "out")
+    assert written == ["users.json", "items.json"] and not (tmp_path / "out" / "index.json").exists()
+    monkeypatch.undo()
+    prepare(_amazon(path, kcore=0), tmp_path / "out", overwrite=True)
+    (tmp_path / "out" / "id_maps" / "users.json").unlink()  # lost after the fact
+    with pytest.raises(ShardError, match=r"lists id_maps/users.json, which is missing"):
+        load_index(tmp_path / "out")
+
+
+def test_overwrite_deletes_only_what_the_project_wrote(tmp_path):
+    from data_shards.reader import ShardReader
+
+    path, _ = _random_file(tmp_path, seed=1)
+    out = tmp_path / "out"
+    prepare(_amazon(path, kcore=0), out)
+    notes = [out / "content" / "my_notes.txt", out / "id_maps" / "README", out / "notes.txt",
+             out / "splits" / "mine.npz"]
+    for note in notes:
+        note.write_text("keep me")
+    prepare(_amazon(path, kcore=0), out, overwrite=True)
+    assert all(note.read_text() == "keep me" for note in notes)
+    ShardReader(out, "content", 4).verify()
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_preprocessing(tmp_path, monkeypatch):
+    from data_shards import prepare as prepare_module
+
+    path, _ = _random_file(tmp_path, seed=1)
+    monkeypatch.setattr(prepare_module, "preprocess", lambda options: pytest.fail("preprocessed first"))
+    with pytest.raises(PermissionError, match="cannot write there"):
+        prepare(_amazon(path, kcore=0), Path("/proc/cllm4rec-shards"))

@@ -229,16 +229,16 @@ def test_split_verification_covers_every_shard(uneven):
 def test_training_setup_stops_or_skips_naming_the_shard(copy, uneven):
     """The recipes' reader setup (ranks split the checks): error by default, skip on request."""
     from trainer.config import load_config
-    from trainer.engine import init_distributed, stream_reader
+    from trainer.engine import init_distributed, stream_readers
 
     init_distributed()
     shard = copy / "content" / "content-00003.tar"
     _corrupt_same_size(shard)
     cfg = load_config(None, [f"data.shards={copy}"])
     with pytest.raises(ShardError) as e:
-        stream_reader(cfg, "content", 4)
+        stream_readers(cfg, {"content": 4, "rec": 4})
     assert str(shard) in str(e.value) and "data.bad_shards=skip" in str(e.value)
-    skipping = stream_reader(load_config(None, [f"data.shards={copy}", "data.bad_shards=skip"]), "content", 4)
+    skipping = stream_readers(load_config(None, [f"data.shards={copy}", "data.bad_shards=skip"]), {"content": 4})["content"]
     assert skipping.skipped == ["content/content-00003.tar"]
-    fast = stream_reader(load_config(None, [f"data.shards={copy}", "data.checksums=false"]), "content", 4)
+    fast = stream_readers(load_config(None, [f"data.shards={copy}", "data.checksums=false"]), {"content": 4})["content"]
     assert fast.skipped == []  # same size, same tar headers: only the checksum sees this damage

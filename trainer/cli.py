@@ -48,7 +48,7 @@ def _recipe(name: str, args) -> int:
     try:
         main(cfg)
         code = 0
-    except ShardError as error:  # every rank found the same bad shards: one line each, no traceback
+    except (ShardError, FileNotFoundError) as error:  # bad shards or a missing input: one line, no traceback
         raise SystemExit(f"cllm4rec {name}: {error}") from None
     except Preempted as stop:
         logging.getLogger("cllm4rec").warning("%s", stop)
@@ -110,20 +110,32 @@ def _export(args) -> None:
     print(f"wrote the inference bundle {out}")
 
 
+def _id_list(option: str, text: str) -> list[int]:
+    try:
+        ids = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise SystemExit(f"cllm4rec recommend: {option} {text!r}: expected comma-separated integer ids like 3,17,42"
+                         f"{' or all' if option == '--users' else ''}") from None
+    if not ids:
+        raise SystemExit(f"cllm4rec recommend: {option} is empty; give at least one id")
+    return ids
+
+
 def _recommend(args) -> None:
     from trainer.serve import Recommender
 
     if (args.users is None) == (args.history is None):
         raise SystemExit("cllm4rec recommend: give --users (ids or 'all') or --history (item ids), not both")
+    if args.k < 1:
+        raise SystemExit(f"cllm4rec recommend: --k {args.k}: how many items to recommend, at least 1")
+    history = _id_list("--history", args.history) if args.history is not None else None
+    users = _id_list("--users", args.users) if args.users not in (None, "all") else args.users
     try:
         rec = Recommender(args.bundle, args.base)
-        if args.history is not None:
-            items = [int(i) for i in args.history.split(",") if i.strip()]
-            results = {args.user: rec.for_history(args.user, items, args.k)}
+        if history is not None:
+            results = {args.user: rec.for_history(args.user, history, args.k)}
         else:
-            users = (list(range(rec.train.shape[0])) if args.users == "all"
-                     else [int(u) for u in args.users.split(",") if u.strip()])
-            results = rec.for_users(users, args.k)
+            results = rec.for_users(list(range(rec.train.shape[0])) if users == "all" else users, args.k)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"cllm4rec recommend: {error}") from None
     for user in sorted(results):

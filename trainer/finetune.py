@@ -20,7 +20,7 @@ from trainer.batching import Collator
 from trainer.checkpoint import Checkpointer, resume_position
 from trainer.config import Config
 from trainer.engine import (build_engine, build_model, init_distributed, load_ds_config, report_resources,
-                            seed_everything, stream_reader, throughput_meter)
+                            seed_everything, stream_readers, throughput_meter)
 from trainer.evaluate import rank_users
 from trainer.metrics import evaluate_topk
 from trainer.loop import TrainLog, train_epoch
@@ -40,22 +40,21 @@ def main(cfg: Config) -> Path:
     out_dir = run_dir / "finetune"
     out_dir.mkdir(parents=True, exist_ok=True)
     index = load_index(cfg.data.shards)
+    readers = stream_readers(cfg, {"rec": f.batch_size, "content": f.content_batch_size})
     ds_config = load_ds_config(cfg.run.deepspeed, max(f.batch_size, f.content_batch_size))
     model, tokenizer = build_model(cfg, ds_config, index["num_users"], index["num_items"])
     load_model_state(model, Path(f.init_from or run_dir / "pretrain"))
     optimizer = AlternatingAdamW(param_groups(model, f.weight_decay), lr=f.lr, eps=f.adam_eps)
     engine = build_engine(model, ds_config, optimizer)
     collator = Collator.from_config(tokenizer, cfg, holdout_fraction=f.holdout_fraction, rec_target=f.target)
-    rec_reader = stream_reader(cfg, "rec", f.batch_size)
-    content_reader = stream_reader(cfg, "content", f.content_batch_size)
     train, val_items = load_split(cfg.data.shards, "train"), load_split(cfg.data.shards, "val")
     if rank == 0:
         cfg.dump(out_dir / "config.json")
-    log.info("finetune on %d rank(s): %d users, %d epochs, target=%s", world, rec_reader.num_docs, f.epochs, f.target)
+    log.info("finetune on %d rank(s): %d users, %d epochs, target=%s", world, readers["rec"].num_docs, f.epochs,
+             f.target)
 
     phases = [(epoch, phase) for epoch in range(f.epochs) for phase in ("rec", "content")
               if phase == "rec" or (f.content_epochs and cfg.model.content)]
-    readers = {"rec": rec_reader, "content": content_reader}
     batchers = {"rec": collator.rec, "content": collator.content}
     checkpoints = Checkpointer(engine, out_dir, cfg.run.save_every_steps, cfg.run.keep_checkpoints, cfg.to_dict())
     resume_from = checkpoints.find(cfg.run.resume)

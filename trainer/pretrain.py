@@ -20,7 +20,7 @@ from trainer.batching import Collator
 from trainer.checkpoint import Checkpointer, resume_position
 from trainer.config import Config
 from trainer.engine import (build_engine, build_model, init_distributed, load_ds_config, report_resources,
-                            seed_everything, stream_reader, throughput_meter)
+                            seed_everything, stream_readers, throughput_meter)
 from trainer.loop import TrainLog, train_epoch
 from trainer.model_state import save_model_state
 from trainer.optim import AlternatingAdamW, param_groups
@@ -43,13 +43,12 @@ def main(cfg: Config) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     index = load_index(cfg.data.shards)
     p = cfg.pretrain
+    readers = stream_readers(cfg, {"collab": p.collab_batch_size, "content": p.content_batch_size})
     ds_config = load_ds_config(cfg.run.deepspeed, max(p.collab_batch_size, p.content_batch_size))
     model, tokenizer = build_model(cfg, ds_config, index["num_users"], index["num_items"])
     optimizer = AlternatingAdamW(param_groups(model, p.weight_decay), lr=p.lr, eps=p.adam_eps)
     engine = build_engine(model, ds_config, optimizer)
     collator = Collator.from_config(tokenizer, cfg)
-    readers = {"collab": stream_reader(cfg, "collab", p.collab_batch_size),
-               "content": stream_reader(cfg, "content", p.content_batch_size)}
     batchers = {"collab": collator.collab, "content": collator.content}
     plan = epoch_plan(p.content_warmup_epochs, p.rounds, cfg.model.content)
     checkpoints = Checkpointer(engine, out_dir, cfg.run.save_every_steps, cfg.run.keep_checkpoints, cfg.to_dict())
