@@ -73,6 +73,25 @@ write_deepspeed_env() {
   mv "$tmp" .deepspeed_env
 }
 
+# run_rank STAGE [--local_rank=N] CONFIG [key.sub=value ...]
+# One rank that a launcher started (`deepspeed --no_python [runner options] launch/STAGE.sh CONFIG
+# ...`: RANK and LOCAL_RANK are set): run the recipe in this process. Preemption ends it with
+# status 75 itself.
+run_rank() {
+  local stage=$1
+  shift
+  local args=() arg
+  for arg in "$@"; do
+    case "$arg" in
+      --local_rank=*) ;;  # the launcher's; the process group reads LOCAL_RANK
+      *) args+=("$arg") ;;
+    esac
+  done
+  if [ ${#args[@]} -lt 1 ]; then echo "usage: deepspeed --no_python [runner options] launch/$stage.sh CONFIG.yaml [key.sub=value ...]" >&2; exit 2; fi
+  if [ ! -f "${args[0]}" ]; then echo "launch/$stage.sh: config file '${args[0]}' not found" >&2; exit 2; fi
+  exec python -m trainer.cli "$stage" --config "${args[@]}"
+}
+
 # launch STAGE [--hostfile F] [--num_nodes N] [--node_rank R] [--master_addr A] [--master_port P]
 #              [--launcher pdsh|openmpi] [--no_ssh] CONFIG [key.sub=value ...] [--resume auto]
 # The options before CONFIG are the deepspeed runner's, and set the variables above.
@@ -83,6 +102,7 @@ write_deepspeed_env() {
 launch() {
   local stage=$1
   shift
+  if [ -n "${RANK:-}" ] && [ -n "${LOCAL_RANK:-}" ]; then run_rank "$stage" "$@"; return; fi
   while [ $# -gt 0 ]; do
     case "$1" in
       --hostfile) HOSTFILE=$2; shift 2 ;;

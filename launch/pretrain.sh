@@ -1,7 +1,21 @@
 #!/usr/bin/env bash
+''':'
 # Usage: launch/pretrain.sh [--hostfile F --master_addr A ... | --no_ssh --node_rank R ...] CONFIG.yaml [key.sub=value ...]
+#    or: deepspeed --no_python [runner options] launch/pretrain.sh CONFIG.yaml [key.sub=value ...]
 # Runs the pretrain recipe under the deepspeed launcher: NPROC ranks on this machine, or on
 # every node of a hostfile (launcher options and variables: launch/common.sh, README "Multi-node").
+# Started by the deepspeed launcher itself, it is one rank and runs that rank.
+# This file is also valid Python: `deepspeed launch/pretrain.sh` without --no_python hands it to
+# Python, which then says what to type instead of failing on a syntax error.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 launch pretrain "$@"
+exit $?
+: <<'PYTHON'
+'''
+import sys
+
+sys.exit("launch/pretrain.sh is a shell script: under the deepspeed launcher add --no_python, as in "
+         "deepspeed --no_python [runner options] launch/pretrain.sh CONFIG.yaml [key.sub=value ...]; "
+         "or run bash launch/pretrain.sh CONFIG.yaml ..., which starts the launcher itself")
+PYTHON
