@@ -82,3 +82,26 @@ def test_recommend_arguments_are_checked(tmp_path, args, says):
     with pytest.raises(SystemExit) as stop:
         main(["recommend", "--bundle", str(tmp_path), *args])
     assert says in str(stop.value.code)
+
+
+def test_resuming_another_configuration_is_refused_and_a_new_learning_rate_is_logged(tmp_path):
+    data = write_synthetic_cllm4rec(tmp_path / "data", num_users=40, num_items=30, seed=1)
+    main_build(data, tmp_path / "shards", docs_per_shard=40)
+    base = write_tiny_checkpoint(tmp_path / "tiny")
+    common = ["pretrain", "--config", "configs/quickstart.yaml", f"model.base_dir={base}",
+              f"data.shards={tmp_path / 'shards'}", f"run.dir={tmp_path / 'run'}", "pretrain.max_steps_per_epoch=2",
+              "pretrain.rounds=1", "run.save_every_steps=1", "run.keep_checkpoints=10"]
+    assert _cli(*common).returncode == 0
+    checkpoints = tmp_path / "run" / "pretrain" / "checkpoints"
+    (checkpoints / "latest").unlink()
+    for late in sorted(checkpoints.glob("step-*"))[3:]:
+        import shutil
+
+        shutil.rmtree(late)  # as if stopped after step 3
+    done = _cli(*common, "lora.r=4", "--resume", "auto")
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and last.startswith("cllm4rec pretrain: cannot resume from"), done.stderr[-2000:]
+    assert "reshaped (e.g. ['backbone.base_model.model.model.layers.0" in last and "lora_A" in last
+    done = _cli(*common, "pretrain.lr=0.002", "--resume", "auto")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "pretrain.lr is 0.002 in this run and was 0.001 when the checkpoint was saved" in done.stderr

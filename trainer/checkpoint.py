@@ -50,6 +50,28 @@ DS_TAG = "deepspeed"
 EXIT_PREEMPTED = 75
 
 
+class IncompatibleCheckpoint(ValueError):
+    """A checkpoint of another model or data configuration than the run that would resume it."""
+
+
+def run_identity(model, config: dict) -> dict:
+    """What a checkpoint must share with the run that resumes it: the ID-table sizes, the base's
+    vocabulary, the trainable parameters' names and shapes, and the shards' content."""
+    import hashlib
+
+    from data_shards.reader import load_index
+
+    shards = None
+    if config.get("data", {}).get("shards"):
+        index = load_index(config["data"]["shards"])
+        shards = hashlib.sha256(json.dumps({key: index[key] for key in ("streams", "splits", "tokenization")},
+                                           sort_keys=True).encode()).hexdigest()[:16]
+    return {"num_users": model.num_users, "num_items": model.num_items, "vocab_size": model.vocab_size,
+            "trainable": {n: list(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters()
+                          if p.requires_grad},
+            "shards": shards}
+
+
 def _project_version() -> str:
     try:
         return version("cllm4rec")
@@ -143,6 +165,8 @@ class Checkpointer:
         self.save_every_steps = int(save_every_steps)
         self.keep = max(1, int(keep))
         self.config = config
+        self.stage = Path(stage_dir).name
+        self.identity = run_identity(engine.module, config)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.preemption = PreemptionWatch()
         self.stopping = False
@@ -174,7 +198,7 @@ class Checkpointer:
             save_file(trainable, str(tmp / TRAINABLE_NAME))
             state = {"tag": tag, "step": step, "world_size": self.world, "progress": progress,
                      "readers": readers, "adam_steps": adam_steps, "config": self.config,
-                     "version": _project_version()}
+                     "identity": self.identity, "version": _project_version()}
             (tmp / STATE_NAME).write_text(json.dumps(state, indent=1))
             (tmp / MANIFEST_NAME).write_text(json.dumps(_manifest(tmp), indent=1))
             if final.exists():  # the same step saved again after a resume
@@ -278,6 +302,7 @@ class Checkpointer:
         """
         started = time.perf_counter()
         state = json.loads((path / STATE_NAME).read_text())
+        self._check_identity(path, state)
         if state["world_size"] == self.world:
             self.engine.load_checkpoint(str(path), tag=DS_TAG, load_module_strict=False,
                                         load_optimizer_states=True, load_lr_scheduler_states=True)
@@ -294,8 +319,44 @@ class Checkpointer:
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
+        self._apply_learning_rate(state["config"])
         log.info("resumed from %s (stage step %d), loaded in %.2f s", path, state["step"], time.perf_counter() - started)
         return state
+
+    def _check_identity(self, path: Path, state: dict) -> None:
+        """Refuse a checkpoint of another model or data: its tables, adapters or shards differ."""
+        saved = state.get("identity")
+        if saved is None:
+            log.warning("%s predates identity checks: not comparing its model and shards with this run's", path)
+            return
+        differences = [f"{key}: {saved[key]} in the checkpoint, {self.identity[key]} in this run"
+                       for key in ("num_users", "num_items", "vocab_size", "shards") if saved[key] != self.identity[key]]
+        mine, theirs = self.identity["trainable"], saved["trainable"]
+        only_saved, only_here = sorted(theirs.keys() - mine.keys()), sorted(mine.keys() - theirs.keys())
+        reshaped = [f"{n} {tuple(theirs[n])} vs {tuple(mine[n])}" for n in sorted(mine.keys() & theirs.keys())
+                    if theirs[n] != mine[n]]
+        if only_saved or only_here or reshaped:
+            differences.append(f"trainable parameters: {len(only_saved)} only in the checkpoint (e.g. {only_saved[:2]}), "
+                               f"{len(only_here)} only in this run (e.g. {only_here[:2]}), {len(reshaped)} reshaped "
+                               f"(e.g. {reshaped[:2]})")
+        if differences:
+            raise IncompatibleCheckpoint(f"cannot resume from {path}: it was saved by another model or data configuration ("
+                             + "; ".join(differences) + "). Resume with the settings it was saved with (its "
+                             "trainer_state.json holds them), or start a new run.dir")
+
+    def _apply_learning_rate(self, saved_config: dict) -> None:
+        """The learning rate of this run's config, not the one restored with the optimizer state:
+        changing it on a resume is allowed, and logged."""
+        if self.stage not in ("pretrain", "finetune"):
+            return
+        if "lr" not in self.config.get(self.stage, {}):
+            return
+        lr, before = self.config[self.stage]["lr"], saved_config.get(self.stage, {}).get("lr")
+        for group in _inner_optimizer(self.engine).param_groups:
+            group["lr"] = lr
+        if before is not None and before != lr:
+            log.warning("%s.lr is %g in this run and was %g when the checkpoint was saved: continuing with %g",
+                        self.stage, lr, before, lr)
 
     def _load_trainable(self, path: Path, adam_steps: dict[str, int]) -> None:
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
