@@ -105,3 +105,38 @@ def test_resuming_another_configuration_is_refused_and_a_new_learning_rate_is_lo
     done = _cli(*common, "pretrain.lr=0.002", "--resume", "auto")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "pretrain.lr is 0.002 in this run and was 0.001 when the checkpoint was saved" in done.stderr
+
+
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGSTOP"])
+def test_one_rank_dead_or_hung_ends_the_whole_job(tmp_path, signal_name):
+    """kill -9 of one rank: the launcher ends the others at once. A rank that stops answering
+    (SIGSTOP): the others fail after run.collective_timeout_s, and the launcher ends the job."""
+    import os
+    import signal
+
+    data = write_synthetic_cllm4rec(tmp_path / "data", num_users=40, num_items=30, seed=1)
+    main_build(data, tmp_path / "shards", docs_per_shard=40)
+    base = write_tiny_checkpoint(tmp_path / "tiny")
+    run = tmp_path / "run"
+    job = subprocess.Popen(["bash", "launch/pretrain.sh", "configs/quickstart.yaml", f"model.base_dir={base}",
+                            f"data.shards={tmp_path / 'shards'}", f"run.dir={run}", "pretrain.rounds=100",
+                            "run.collective_timeout_s=20"], cwd=REPO, env=launcher_env(NPROC="2"),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = run / "pretrain" / "train_log.jsonl"
+    for _ in range(240):
+        if log.is_file() and len(log.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.5)
+    rank1 = subprocess.run(["pgrep", "-f", f"local_rank=1 pretrain .*{run}"], capture_output=True, text=True)
+    pid = int(rank1.stdout.split()[0])
+    os.kill(pid, getattr(signal, signal_name))
+    hit = time.time()
+    try:
+        out, _ = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            subprocess.run(["pkill", "-9", "-f", str(run)])
+    assert job.returncode != 0
+    assert time.time() - hit < (20 if signal_name == "SIGKILL" else 60)
+    assert "'--local_rank=1'" in out and "exits with return code" in out, out[-3000:]

@@ -111,6 +111,10 @@ class RunSection:
     keep_checkpoints: int = 2  # newest checkpoints kept per stage
     peak_tflops: float = 0.0  # peak TFLOP/s of one rank for the logged MFU; 0 = a known GPU's data sheet, or measured on CPU
     resume: str = ""  # "" = start fresh; auto = continue from the stage's newest checkpoint, if any; or a checkpoint folder
+    # seconds a collective may wait for the other ranks before failing on every rank that waits
+    # (a rank hung, or gone on another node); the deepspeed launcher ends a node's ranks at once
+    # when one of them dies
+    collective_timeout_s: float = 1800.0
 
 
 @dataclass

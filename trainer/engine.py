@@ -28,8 +28,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int]:
-    """Start (or join) the process group; returns (rank, world_size)."""
+def init_distributed(collective_timeout_s: float = 1800) -> tuple[int, int]:
+    """Start (or join) the process group; returns (rank, world_size). A collective that waits
+    longer than `collective_timeout_s` (a rank hung or gone on another node) fails on every rank
+    still waiting, instead of holding its nodes until the job's wall-time limit."""
     import deepspeed
 
     # Tokenization runs in DataLoader worker processes; the tokenizer's own thread pool would
@@ -50,7 +52,10 @@ def init_distributed() -> tuple[int, int]:
         # collectives give identical results. (A private DeepSpeed switch, read at init.)
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
+        from datetime import timedelta
+
+        deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl",
+                                   timeout=timedelta(seconds=collective_timeout_s))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     setup_logging(rank)
     return rank, world

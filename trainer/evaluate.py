@@ -94,7 +94,7 @@ def write_recommendations(topk: np.ndarray, path: Path) -> None:
 def main(cfg: Config) -> dict:
     # ----- setup -----
     started = time.time()
-    rank, world = init_distributed()
+    rank, world = init_distributed(cfg.run.collective_timeout_s)
     seed_everything(cfg.run.seed)
     run_dir = Path(cfg.run.dir)
     checkpoint = Path(cfg.evaluate.checkpoint or run_dir / "finetune")

@@ -33,7 +33,7 @@ log = logging.getLogger("cllm4rec")
 def main(cfg: Config) -> Path:
     # ----- setup -----
     started = time.time()
-    rank, world = init_distributed()
+    rank, world = init_distributed(cfg.run.collective_timeout_s)
     seed_everything(cfg.run.seed)
     f = cfg.finetune
     run_dir = Path(cfg.run.dir)

@@ -37,7 +37,7 @@ def epoch_plan(content_warmup_epochs: int, rounds: int, content: bool = True) ->
 def main(cfg: Config) -> Path:
     # ----- setup -----
     started = time.time()
-    rank, world = init_distributed()
+    rank, world = init_distributed(cfg.run.collective_timeout_s)
     seed_everything(cfg.run.seed)
     out_dir = Path(cfg.run.dir) / "pretrain"
     out_dir.mkdir(parents=True, exist_ok=True)
