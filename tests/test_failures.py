@@ -140,3 +140,44 @@ def test_one_rank_dead_or_hung_ends_the_whole_job(tmp_path, signal_name):
     assert job.returncode != 0
     assert time.time() - hit < (20 if signal_name == "SIGKILL" else 60)
     assert "'--local_rank=1'" in out and "exits with return code" in out, out[-3000:]
+
+
+def test_a_full_disk_during_a_save_publishes_nothing_and_resume_works_after(tmp_path):
+    """The checkpoint folder on a small tmpfs: a save that runs out of space fails with one clear
+    error, leaves no partial folder, `latest` still names the previous checkpoint, which loads."""
+    import os
+    import shutil
+
+    from tests.helpers import toy_engine
+    from trainer.checkpoint import Checkpointer, CheckpointSaveError, damage
+    from trainer.engine import init_distributed
+
+    init_distributed()
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root) to fill a disk")
+    try:
+        data = write_synthetic_cllm4rec(tmp_path / "data", num_users=40, num_items=30, seed=1)
+        main_build(data, tmp_path / "shards", docs_per_shard=40)
+        base = write_tiny_checkpoint(tmp_path / "tiny")
+        engine, _, _ = toy_engine(base, tmp_path / "shards")
+        config = {"data": {"shards": str(tmp_path / "shards")}, "pretrain": {"lr": 0.01}}
+        checkpoints = Checkpointer(engine, disk / "pretrain", 0, 5, config)
+        first = checkpoints.save(1, {"plan_index": 0}, None)
+        size = sum(f.stat().st_size for f in first.rglob("*") if f.is_file())
+        free = shutil.disk_usage(disk).free
+        (disk / "filler").write_bytes(b"\0" * (free - size // 3))  # room for a third of the next one
+        with pytest.raises(CheckpointSaveError) as error:
+            checkpoints.save(2, {"plan_index": 0}, None)
+        message = str(error.value)
+        assert "could not save checkpoint step-00000002" in message and "MB free (full)" in message
+        assert "step-00000001 is still the newest complete checkpoint" in message
+        assert sorted(p.name for p in (disk / "pretrain" / "checkpoints").iterdir()) == ["latest", "step-00000001"]
+        assert (disk / "pretrain" / "checkpoints" / "latest").read_text().strip() == "step-00000001"
+        assert damage(first) is None
+        os.remove(disk / "filler")
+        assert checkpoints.load(checkpoints.find("auto"))["step"] == 1
+        assert checkpoints.save(2, {"plan_index": 0}, None).name == "step-00000002"
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])

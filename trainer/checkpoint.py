@@ -50,6 +50,20 @@ DS_TAG = "deepspeed"
 EXIT_PREEMPTED = 75
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written; nothing of it was published."""
+
+
+def _attempt(write) -> str | None:
+    """None when `write()` succeeds, else what went wrong. A full disk surfaces as OSError, as
+    torch's RuntimeError ("unexpected pos"), or as safetensors' own SafetensorError: any of them."""
+    try:
+        write()
+    except Exception as error:  # noqa: BLE001 (reported to every rank and raised as CheckpointSaveError)
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
 class IncompatibleCheckpoint(ValueError):
     """A checkpoint of another model or data configuration than the run that would resume it."""
 
@@ -178,38 +192,65 @@ class Checkpointer:
 
     def save(self, step: int, progress: dict, reader_state: dict | None) -> Path:
         """Collective: every rank calls it after the same step. ``reader_state`` is this rank's
-        (None between epochs)."""
+        (None between epochs). A write that fails on any rank (a full disk, a quota) fails the
+        save on every rank: nothing is published, ``latest`` keeps naming the newest complete
+        checkpoint, and CheckpointSaveError says so."""
         started = time.perf_counter()
         tag = f"step-{step:08d}"
         final, tmp = self.root / tag, self.root / f".incomplete-{tag}"
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier()
-        self.engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
-        torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-                   tmp / f"rng-rank{self.rank:05d}.pt")
+        failed = _attempt(lambda: self.engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False,
+                                                              exclude_frozen_parameters=True))
+        failed = failed or _attempt(lambda: torch.save(
+            {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+            tmp / f"rng-rank{self.rank:05d}.pt"))
         trainable, adam_steps = self._full_trainable_state()
         readers = [None] * self.world
         dist.all_gather_object(readers, reader_state)
-        dist.barrier()  # every rank's files are on disk
+        failures = [None] * self.world
+        dist.all_gather_object(failures, failed)  # every rank's files are on disk, or some are not
+        if self.rank == 0 and not any(failures):
+            failures[0] = _attempt(lambda: self._publish(tmp, final, tag, step, progress, readers, trainable,
+                                                         adam_steps))
+        dist.broadcast_object_list(failures, src=0)
+        problems = [f"rank {r}: {f}" for r, f in enumerate(failures) if f]
+        if problems:
+            free = shutil.disk_usage(self.root).free / 2**20  # before the partial files are removed
+            dist.barrier()
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            latest = self.root / "latest"
+            newest = latest.read_text().strip() if latest.is_file() else None
+            raise CheckpointSaveError(
+                f"could not save checkpoint {tag} in {self.root} ({'; '.join(problems)}); its file system has "
+                f"{free:.1f} MB free{' (full)' if free < 1 else ''}. Nothing was published: "
+                + (f"{newest} is still the newest complete checkpoint" if newest else "there is no checkpoint yet")
+                + ". Free space (or raise the quota) and rerun with --resume auto")
         if self.rank == 0:
-            from safetensors.torch import save_file
-
-            save_file(trainable, str(tmp / TRAINABLE_NAME))
-            state = {"tag": tag, "step": step, "world_size": self.world, "progress": progress,
-                     "readers": readers, "adam_steps": adam_steps, "config": self.config,
-                     "identity": self.identity, "version": _project_version()}
-            (tmp / STATE_NAME).write_text(json.dumps(state, indent=1))
-            (tmp / MANIFEST_NAME).write_text(json.dumps(_manifest(tmp), indent=1))
-            if final.exists():  # the same step saved again after a resume
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _write_atomically(self.root / "latest", tag + "\n")
-            self._prune(tag)
             size = sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
             log.info("checkpoint %s saved in %.2f s (%.1f MB)", final, time.perf_counter() - started, size / 2**20)
         dist.barrier()
         return final
+
+    def _publish(self, tmp: Path, final: Path, tag: str, step: int, progress: dict, readers: list, trainable: dict,
+                 adam_steps: dict) -> None:
+        """Rank 0, once every rank's files are in `tmp`: the full state, the manifest, then the rename
+        to `final` and `latest`, in that order."""
+        from safetensors.torch import save_file
+
+        save_file(trainable, str(tmp / TRAINABLE_NAME))
+        state = {"tag": tag, "step": step, "world_size": self.world, "progress": progress,
+                 "readers": readers, "adam_steps": adam_steps, "config": self.config,
+                 "identity": self.identity, "version": _project_version()}
+        (tmp / STATE_NAME).write_text(json.dumps(state, indent=1))
+        (tmp / MANIFEST_NAME).write_text(json.dumps(_manifest(tmp), indent=1))
+        if final.exists():  # the same step saved again after a resume
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomically(self.root / "latest", tag + "\n")
+        self._prune(tag)
 
     def _full_trainable_state(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         """Every trainable parameter in full fp32 with its Adam moments (collective), and the Adam

@@ -43,12 +43,12 @@ def _recipe(name: str, args) -> int:
     else:
         from trainer.evaluate import main
     from data_shards.reader import ShardError
-    from trainer.checkpoint import EXIT_PREEMPTED, IncompatibleCheckpoint, Preempted
+    from trainer.checkpoint import EXIT_PREEMPTED, CheckpointSaveError, IncompatibleCheckpoint, Preempted
 
     try:
         main(cfg)
         code = 0
-    except (ShardError, FileNotFoundError, IncompatibleCheckpoint) as error:  # bad input: one line, no traceback
+    except (ShardError, FileNotFoundError, IncompatibleCheckpoint, CheckpointSaveError) as error:  # one line each
         raise SystemExit(f"cllm4rec {name}: {error}") from None
     except Preempted as stop:
         logging.getLogger("cllm4rec").warning("%s", stop)
