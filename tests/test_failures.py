@@ -181,3 +181,38 @@ def test_a_full_disk_during_a_save_publishes_nothing_and_resume_works_after(tmp_
         assert checkpoints.save(2, {"plan_index": 0}, None).name == "step-00000002"
     finally:
         subprocess.run(["umount", "-l", str(disk)])
+
+
+def test_recommend_speaks_the_data_own_ids(tmp_path, monkeypatch, capsys):
+    """--original-ids: users and items in and out by the ids of the raw data (the bundle's id maps);
+    unknown ones and a bundle without maps are clear errors. (The model is a stand-in here; the
+    served lists themselves are compared with evaluate's in test_end_to_end.)"""
+    import json
+
+    from trainer import serve
+    from trainer.cli import main
+
+    class Scores:  # contiguous ids in, contiguous ids out, as the real Recommender
+        def __init__(self, bundle, base=None):
+            self.train = type("T", (), {"shape": (3, 4)})()
+
+        def for_users(self, users, k):
+            return {u: [(u + 1) % 4, (u + 2) % 4][:k] for u in users}
+
+        def for_history(self, user, items, k):
+            return [i for i in range(4) if i not in items][:k]
+
+    monkeypatch.setattr(serve, "Recommender", Scores)
+    (tmp_path / "id_maps").mkdir()
+    (tmp_path / "id_maps" / "users.json").write_text(json.dumps(["A1X", "B2Y", "C3Z"]))
+    (tmp_path / "id_maps" / "items.json").write_text(json.dumps(["B00a", "B00b", "B00c", "B00d"]))
+    assert main(["recommend", "--bundle", str(tmp_path), "--original-ids", "--users", "C3Z,A1X", "--k", "2"]) == 0
+    assert capsys.readouterr().out.splitlines() == [json.dumps({"user": "A1X", "items": ["B00b", "B00c"]}),
+                                                    json.dumps({"user": "C3Z", "items": ["B00d", "B00a"]})]
+    main(["recommend", "--bundle", str(tmp_path), "--original-ids", "--history", "B00a,B00c", "--user", "B2Y"])
+    assert capsys.readouterr().out.splitlines() == [json.dumps({"user": "B2Y", "items": ["B00b", "B00d"]})]
+    with pytest.raises(SystemExit, match=r"unknown original item id\(s\) \['nope'\]"):
+        main(["recommend", "--bundle", str(tmp_path), "--original-ids", "--history", "B00a,nope"])
+    (tmp_path / "id_maps" / "users.json").unlink()
+    with pytest.raises(SystemExit, match="has no id maps"):
+        main(["recommend", "--bundle", str(tmp_path), "--original-ids", "--users", "A1X"])

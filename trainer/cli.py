@@ -110,36 +110,48 @@ def _export(args) -> None:
     print(f"wrote the inference bundle {out}")
 
 
-def _id_list(option: str, text: str) -> list[int]:
+def _id_list(option: str, text: str, original: bool = False) -> list:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise SystemExit(f"cllm4rec recommend: {option} is empty; give at least one id")
+    if original:
+        return names
     try:
-        ids = [int(part) for part in text.split(",") if part.strip()]
+        return [int(name) for name in names]
     except ValueError:
         raise SystemExit(f"cllm4rec recommend: {option} {text!r}: expected comma-separated integer ids like 3,17,42"
-                         f"{' or all' if option == '--users' else ''}") from None
-    if not ids:
-        raise SystemExit(f"cllm4rec recommend: {option} is empty; give at least one id")
-    return ids
+                         f"{' or all' if option == '--users' else ''} (the data's own ids need --original-ids)") from None
 
 
 def _recommend(args) -> None:
-    from trainer.serve import Recommender
+    from trainer.serve import IdMaps, Recommender
 
     if (args.users is None) == (args.history is None):
         raise SystemExit("cllm4rec recommend: give --users (ids or 'all') or --history (item ids), not both")
     if args.k < 1:
         raise SystemExit(f"cllm4rec recommend: --k {args.k}: how many items to recommend, at least 1")
-    history = _id_list("--history", args.history) if args.history is not None else None
-    users = _id_list("--users", args.users) if args.users not in (None, "all") else args.users
+    original = args.original_ids
+    history = _id_list("--history", args.history, original) if args.history is not None else None
+    users = _id_list("--users", args.users, original) if args.users not in (None, "all") else args.users
+    user = _id_list("--user", args.user, original)[0]
     try:
+        maps = IdMaps(args.bundle) if original else None
+        if maps is not None:  # the data's own ids in, contiguous ids to the model
+            history = maps.to_ids("items", history) if history is not None else None
+            users = maps.to_ids("users", users) if users not in (None, "all") else users
+            user = maps.to_ids("users", [user])[0] if history is not None else user
         rec = Recommender(args.bundle, args.base)
         if history is not None:
-            results = {args.user: rec.for_history(args.user, history, args.k)}
+            results = {user: rec.for_history(user, history, args.k)}
         else:
             results = rec.for_users(list(range(rec.train.shape[0])) if users == "all" else users, args.k)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"cllm4rec recommend: {error}") from None
-    for user in sorted(results):
-        print(json.dumps({"user": user, "items": results[user]}))
+    for who in sorted(results):
+        if maps is not None:
+            print(json.dumps({"user": maps.to_names("users", [who])[0], "items": maps.to_names("items", results[who])}))
+        else:
+            print(json.dumps({"user": who, "items": results[who]}))
 
 
 def _make_tiny_model(args) -> None:
@@ -320,7 +332,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", required=True)
     p.add_argument("--users", help="comma-separated user ids, or 'all'")
     p.add_argument("--history", help="comma-separated item ids: recommend for this history instead")
-    p.add_argument("--user", type=int, default=0, help="with --history: whose ID token the prompt names")
+    p.add_argument("--user", default="0", help="with --history: whose ID token the prompt names")
+    p.add_argument("--original-ids", action="store_true", help="users and items by the data's own ids (an "
+                   "Amazon reviewerID / asin, a MovieLens id), in and out; needs a bundle with id maps (prepare)")
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--base", help="the frozen base's directory, if not where the bundle's config says")
     p.set_defaults(func=_recommend)

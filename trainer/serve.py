@@ -141,3 +141,29 @@ class Recommender:
             raise ValueError(f"unknown item id(s) {bad[:5]}: this bundle has items 0..{num_items - 1}")
         scores = self.model("score", self.collator.score([user], [items]))["scores"]
         return [int(i) for i in topk_excluding(scores, [np.asarray(items, dtype=np.int64)], k)[0] if i >= 0]
+
+
+class IdMaps:
+    """The data's own ids (an Amazon reviewerID or asin, a MovieLens id) and the contiguous ids a
+    bundle scores with: ``id_maps/users.json`` and ``items.json`` (a list: position = contiguous
+    id), which `cllm4rec prepare` writes and `cllm4rec export` copies into the bundle."""
+
+    def __init__(self, bundle):
+        folder = Path(bundle) / "id_maps"
+        paths = {kind: folder / f"{kind}.json" for kind in ("users", "items")}
+        if not all(path.is_file() for path in paths.values()):
+            raise FileNotFoundError(f"{bundle} has no id maps ({folder}/users.json and items.json): its shards were "
+                                    "not made by `cllm4rec prepare`, so it knows only contiguous ids; leave out "
+                                    "--original-ids")
+        self.names = {kind: [str(v) for v in json.loads(path.read_text())] for kind, path in paths.items()}
+        self.ids = {kind: {name: i for i, name in enumerate(names)} for kind, names in self.names.items()}
+        self.folder = folder
+
+    def to_ids(self, kind: str, names: list[str]) -> list[int]:
+        unknown = [name for name in names if name not in self.ids[kind]]
+        if unknown:
+            raise ValueError(f"unknown original {kind[:-1]} id(s) {unknown[:5]}: not in {self.folder / (kind + '.json')}")
+        return [self.ids[kind][name] for name in names]
+
+    def to_names(self, kind: str, ids: list[int]) -> list[str]:
+        return [self.names[kind][i] for i in ids]
