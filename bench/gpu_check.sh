@@ -8,8 +8,8 @@
 #
 #   bench/gpu_check.sh --prepare   # on a machine with an index: wheels of deepspeed, webdataset,
 #                                  # bitsandbytes and gguf into .whl/ (for a GPU image that lacks them);
-#                                  # the SmolLM2 GGUF file in two halves under .base/ (each fits a 64 MB
-#                                  # transfer; they are put together with `cat`), and the full Beauty shards
+#                                  # the SmolLM2 GGUF file in two halves under .base/ (for a GPU machine
+#                                  # without the registry; joined with `cat` there), and the full Beauty shards
 #   bench/gpu_check.sh             # on the GPU machine: installs from .whl/ what is missing, runs
 # Knobs: GPU_CHECK_HIDDEN (2048), GPU_CHECK_LAYERS (16), GPU_CHECK_STEPS (30), GPU_CHECK_OUT (runs/gpu-check),
 # GPU_CHECK_SMOLLM2 (1: run the SmolLM2 part, 0: skip it), GPU_CHECK_STAGE_LIMIT (seconds per SmolLM2 stage, 240).
