@@ -1,4 +1,4 @@
-"""The method's document templates (README, "The method") and per-use randomness.
+"""The method's document templates (docs/method.md) and per-use randomness.
 
 Model-agnostic: everything here is plain strings and integer ids; tokenization is the
 model's business. ``user_<u>`` / ``item_<i>`` are the atomic ID tokens of the method.
@@ -41,7 +41,7 @@ def item_sequence(items: Iterable[int]) -> str:
 
 
 def content_prompt(kind: str, user: int | None, item: int | None) -> str:
-    """Prompt of a content document of the given kind (see README, "The method")."""
+    """Prompt of a content document of the given kind (see docs/method.md)."""
     try:
         template = _CONTENT_PROMPTS[kind]
     except KeyError:

@@ -1,7 +1,7 @@
 # Shared by the launch scripts: environment and the deepspeed launcher call.
 # Environment knobs (one node): NPROC (ranks on this node; default: GPUs, or 2 on a CPU-only
 # machine), MASTER_PORT (default: a free port), OMP_NUM_THREADS (default: cores / NPROC).
-# Several nodes (see README, "Multi-node"):
+# Several nodes (see docs/launching.md, "Multi-node"):
 #   HOSTFILE     DeepSpeed hostfile, one "hostname slots=N" line per node
 #   NNODES       nodes to use (default: every host of HOSTFILE)
 #   LAUNCHER     pdsh (default: ssh from this node to every host), no_ssh (run this script on

@@ -3,7 +3,7 @@
 # Usage: launch/evaluate.sh [--hostfile F --master_addr A ... | --no_ssh --node_rank R ...] CONFIG.yaml [key.sub=value ...]
 #    or: deepspeed --no_python [runner options] launch/evaluate.sh CONFIG.yaml [key.sub=value ...]
 # Runs the evaluate recipe under the deepspeed launcher: NPROC ranks on this machine, or on
-# every node of a hostfile (launcher options and variables: launch/common.sh, README "Multi-node").
+# every node of a hostfile (launcher options and variables: launch/common.sh, docs/launching.md).
 # Started by the deepspeed launcher itself, it is one rank and runs that rank.
 # This file is also valid Python: `deepspeed launch/evaluate.sh` without --no_python hands it to
 # Python, which then says what to type instead of failing on a syntax error.

@@ -13,7 +13,7 @@ Everything runs through `forward(task, batch)` so that a DeepSpeed engine can wr
 module: under ZeRO-3 parameters are gathered by module hooks, so tables are only ever read
 by calling them, never through `.weight` from outside.
 
-Loss scales (README, "The method"): LM terms are a SUM over the main-text tokens of a document;
+Loss scales (docs/method.md): LM terms are a SUM over the main-text tokens of a document;
 mutual regularization adds lambda_c/2 * ||z - sg(z_other)||^2 for each distinct user/item of
 the document. Both are averaged over the documents of the batch, so the per-document balance
 is the paper's and does not depend on how a global batch is split across ranks.

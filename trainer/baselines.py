@@ -1,4 +1,4 @@
-"""Popularity and EASE baselines under the evaluation protocol in README, "The method".
+"""Popularity and EASE baselines under the evaluation protocol in docs/method.md.
 
 Both validation and test rank items from the train history only, with only the train items
 excluded, so one top-k list per user serves both splits.

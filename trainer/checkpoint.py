@@ -5,7 +5,7 @@ Layout, below the stage's output folder (e.g. runs/x/pretrain)::
     checkpoints/
         step-00000120/              one checkpoint; the number counts the stage's training steps
             deepspeed/              DeepSpeed: partitioned trainable weights + optimizer state, per rank
-            zero_to_fp32.py         DeepSpeed's consolidation script (see README, "Checkpoints")
+            zero_to_fp32.py         DeepSpeed's consolidation script (see docs/checkpoints.md)
             rng-rank00000.pt        that rank's python / numpy / torch RNG states
             trainable.safetensors   every trainable parameter in full (fp32) with its Adam moments:
                                     what a resume on another number of ranks loads

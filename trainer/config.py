@@ -71,7 +71,7 @@ class PretrainSection:
     content_batch_size: int = 8
     lr: float = 1e-3  # Adam learning rate (reference: 1e-3)
     weight_decay: float = 0.0
-    adam_eps: float = 1e-8  # Adam epsilon: an update is lr * g / (|g| + eps) on a fresh state (see README)
+    adam_eps: float = 1e-8  # Adam epsilon: an update is lr * g / (|g| + eps) on a fresh state (see docs/testing.md)
     max_steps_per_epoch: int = 0  # 0 = whole epoch; >0 caps every epoch (smoke runs)
 
 

@@ -1,4 +1,4 @@
-"""Ranking metrics for the evaluation protocol in README, "The method".
+"""Ranking metrics for the evaluation protocol in docs/method.md.
 
 Full ranking over all items, each user's train items excluded. Recall@k divides the hits by
 min(k, #relevant); NDCG@k uses the ideal DCG over min(k, #relevant) positions with gain

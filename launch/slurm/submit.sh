@@ -3,7 +3,7 @@
 # Submits the stages as Slurm batch jobs, each starting only after the previous one succeeded
 # (--dependency=afterok); a requeued job keeps its id, so the chain waits through preemptions.
 # The sbatch options (resources, partition, --time, --output, --dependency for the first job)
-# apply to every stage. Prints "STAGE JOBID" per job. README "Slurm" has the details.
+# apply to every stage. Prints "STAGE JOBID" per job. docs/launching.md, "Slurm", has the details.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
