@@ -50,10 +50,8 @@ files, malformed records skipped, counts after every step) and ``id_maps`` (rela
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import tempfile
 from array import array
 from dataclasses import dataclass

@@ -50,6 +50,16 @@ def write_tiny_checkpoint(out: Path) -> Path:
     return write_tiny_llama(str(out), tiny_tokenizer(), max_shard_size="100KB")
 
 
+def toy_run_inputs(tmp_path: Path) -> tuple[Path, Path]:
+    """(shard folder, tiny base) for a short real run: 40 synthetic users, 30 items, shards of 40."""
+    from data_shards.build import main_build
+    from data_shards.synthetic import write_synthetic_cllm4rec
+
+    data = write_synthetic_cllm4rec(tmp_path / "data", num_users=40, num_items=30, seed=1)
+    main_build(data, tmp_path / "shards", docs_per_shard=40)
+    return tmp_path / "shards", write_tiny_checkpoint(tmp_path / "tiny")
+
+
 def launcher_env(**extra) -> dict:
     """This process's environment for a launcher subprocess, without the process-group
     settings that an in-process DeepSpeed test may have put there (its port is taken)."""

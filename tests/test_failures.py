@@ -6,10 +6,8 @@ import time
 
 import pytest
 
-from data_shards.build import main_build
-from data_shards.synthetic import write_synthetic_cllm4rec
 from tests.conftest import REPO
-from tests.helpers import launcher_env, write_tiny_checkpoint
+from tests.helpers import launcher_env, toy_run_inputs
 
 pytestmark = pytest.mark.slow
 
@@ -24,9 +22,7 @@ def _break_a_document(shard):
 
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_a_document_a_worker_cannot_read_ends_every_process(tmp_path, ranks):
-    data = write_synthetic_cllm4rec(tmp_path / "data", num_users=40, num_items=30, seed=1)
-    main_build(data, tmp_path / "shards", docs_per_shard=40)
-    base = write_tiny_checkpoint(tmp_path / "tiny")
+    _, base = toy_run_inputs(tmp_path)
     _break_a_document(sorted((tmp_path / "shards" / "content").glob("*.tar"))[0])
     overrides = [f"model.base_dir={base}", f"data.shards={tmp_path / 'shards'}", f"run.dir={tmp_path / 'run'}",
                  "data.checksums=false", "data.num_workers=1", "pretrain.rounds=0"]
@@ -59,8 +55,7 @@ def test_input_errors_of_a_recipe_are_one_line(tmp_path):
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1].startswith(f"cllm4rec pretrain: {tmp_path / 'empty' / 'index.json'} "
                                                           "not found")
-    data = write_synthetic_cllm4rec(tmp_path / "data", num_users=40, num_items=30, seed=1)
-    main_build(data, tmp_path / "shards", docs_per_shard=40)
+    toy_run_inputs(tmp_path)
     for stream in ("collab", "content"):
         shard = sorted((tmp_path / "shards" / stream).glob("*.tar"))[0]
         shard.write_bytes(shard.read_bytes()[:-1024])
@@ -85,9 +80,7 @@ def test_recommend_arguments_are_checked(tmp_path, args, says):
 
 
 def test_resuming_another_configuration_is_refused_and_a_new_learning_rate_is_logged(tmp_path):
-    data = write_synthetic_cllm4rec(tmp_path / "data", num_users=40, num_items=30, seed=1)
-    main_build(data, tmp_path / "shards", docs_per_shard=40)
-    base = write_tiny_checkpoint(tmp_path / "tiny")
+    _, base = toy_run_inputs(tmp_path)
     common = ["pretrain", "--config", "configs/quickstart.yaml", f"model.base_dir={base}",
               f"data.shards={tmp_path / 'shards'}", f"run.dir={tmp_path / 'run'}", "pretrain.max_steps_per_epoch=2",
               "pretrain.rounds=1", "run.save_every_steps=1", "run.keep_checkpoints=10"]
@@ -114,9 +107,7 @@ def test_one_rank_dead_or_hung_ends_the_whole_job(tmp_path, signal_name):
     import os
     import signal
 
-    data = write_synthetic_cllm4rec(tmp_path / "data", num_users=40, num_items=30, seed=1)
-    main_build(data, tmp_path / "shards", docs_per_shard=40)
-    base = write_tiny_checkpoint(tmp_path / "tiny")
+    _, base = toy_run_inputs(tmp_path)
     run = tmp_path / "run"
     job = subprocess.Popen(["bash", "launch/pretrain.sh", "configs/quickstart.yaml", f"model.base_dir={base}",
                             f"data.shards={tmp_path / 'shards'}", f"run.dir={run}", "pretrain.rounds=100",
@@ -158,9 +149,7 @@ def test_a_full_disk_during_a_save_publishes_nothing_and_resume_works_after(tmp_
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], capture_output=True).returncode:
         pytest.skip("cannot mount a small tmpfs here (needs root) to fill a disk")
     try:
-        data = write_synthetic_cllm4rec(tmp_path / "data", num_users=40, num_items=30, seed=1)
-        main_build(data, tmp_path / "shards", docs_per_shard=40)
-        base = write_tiny_checkpoint(tmp_path / "tiny")
+        _, base = toy_run_inputs(tmp_path)
         engine, _, _ = toy_engine(base, tmp_path / "shards")
         config = {"data": {"shards": str(tmp_path / "shards")}, "pretrain": {"lr": 0.01}}
         checkpoints = Checkpointer(engine, disk / "pretrain", 0, 5, config)

@@ -6,19 +6,15 @@ import subprocess
 
 import pytest
 
-from data_shards.build import main_build
-from data_shards.synthetic import write_synthetic_cllm4rec
 from tests.conftest import REPO
-from tests.helpers import launcher_env, write_tiny_checkpoint
+from tests.helpers import launcher_env, toy_run_inputs
 from trainer.engine import free_port
 
 pytestmark = pytest.mark.slow
 
 
 def test_deepspeed_no_python_form_equals_the_usual_form(tmp_path):
-    data = write_synthetic_cllm4rec(tmp_path / "data", num_users=40, num_items=30, seed=1)
-    main_build(data, tmp_path / "shards", docs_per_shard=40)
-    base = write_tiny_checkpoint(tmp_path / "tiny")
+    _, base = toy_run_inputs(tmp_path)
 
     def overrides(run):
         return [f"model.base_dir={base}", f"data.shards={tmp_path / 'shards'}", f"run.dir={tmp_path / run}",

@@ -91,14 +91,15 @@ def _from_pretrained(path: Path, **kwargs):
     otherwise be initialised at random with only a log line (an untied model without its head)."""
     model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
     if info["missing_keys"]:
-        missing = sorted(info["missing_keys"])
-        raise KeyError(f"{path}: the checkpoint lacks {len(missing)} weight(s) of the model, e.g. {missing[:3]}"
-                       f"{_TIE_HINT if any('lm_head' in m for m in missing) else ''}")
+        raise _missing_weights(path, sorted(info["missing_keys"]))
     return model
 
 
-_TIE_HINT = ("; config.json says tie_word_embeddings: false, so the model needs its own output head. If the head "
-             "is the input embedding, the config must say tie_word_embeddings: true")
+def _missing_weights(path: Path, missing: list[str]) -> KeyError:
+    hint = ("; config.json says tie_word_embeddings: false, so the model needs its own output head. If the head is "
+            "the input embedding, the config must say tie_word_embeddings: true"
+            if any("lm_head" in name for name in missing) else "; re-save the base with save_pretrained")
+    return KeyError(f"{path}: the checkpoint lacks {len(missing)} weight(s) of the model, e.g. {missing[:3]}{hint}")
 
 
 def _log_head(model, path: Path) -> None:
@@ -163,8 +164,7 @@ def load_partitioned(path: Path, weight_map: dict[str, Path], attention: str, dt
         else:
             missing.append(name)
     if missing:
-        raise KeyError(f"{path}: the safetensors checkpoint lacks {len(missing)} weight(s) of the model, e.g. "
-                       f"{missing[:3]}{_TIE_HINT if any('lm_head' in m for m in missing) else ''}")
+        raise _missing_weights(path, missing)
     by_file: dict[Path, list[str]] = {}
     for name, stored in stored_name.items():
         by_file.setdefault(weight_map[stored], []).append(name)

@@ -371,26 +371,26 @@ class Checkpointer:
             log.warning("%s predates identity checks: not comparing its model and shards with this run's", path)
             return
         differences = [f"{key}: {saved[key]} in the checkpoint, {self.identity[key]} in this run"
-                       for key in ("num_users", "num_items", "vocab_size", "shards") if saved[key] != self.identity[key]]
+                       for key in ("num_users", "num_items", "vocab_size", "shards")
+                       if saved[key] != self.identity[key]]
         mine, theirs = self.identity["trainable"], saved["trainable"]
         only_saved, only_here = sorted(theirs.keys() - mine.keys()), sorted(mine.keys() - theirs.keys())
         reshaped = [f"{n} {tuple(theirs[n])} vs {tuple(mine[n])}" for n in sorted(mine.keys() & theirs.keys())
                     if theirs[n] != mine[n]]
         if only_saved or only_here or reshaped:
-            differences.append(f"trainable parameters: {len(only_saved)} only in the checkpoint (e.g. {only_saved[:2]}), "
-                               f"{len(only_here)} only in this run (e.g. {only_here[:2]}), {len(reshaped)} reshaped "
-                               f"(e.g. {reshaped[:2]})")
+            differences.append(f"trainable parameters: {len(only_saved)} only in the checkpoint (e.g. "
+                               f"{only_saved[:2]}), {len(only_here)} only in this run (e.g. {only_here[:2]}), "
+                               f"{len(reshaped)} reshaped (e.g. {reshaped[:2]})")
         if differences:
-            raise IncompatibleCheckpoint(f"cannot resume from {path}: it was saved by another model or data configuration ("
-                             + "; ".join(differences) + "). Resume with the settings it was saved with (its "
-                             "trainer_state.json holds them), or start a new run.dir")
+            raise IncompatibleCheckpoint(
+                f"cannot resume from {path}: it was saved by another model or data configuration ("
+                + "; ".join(differences) + "). Resume with the settings it was saved with (its trainer_state.json "
+                "holds them), or start a new run.dir")
 
     def _apply_learning_rate(self, saved_config: dict) -> None:
         """The learning rate of this run's config, not the one restored with the optimizer state:
         changing it on a resume is allowed, and logged."""
-        if self.stage not in ("pretrain", "finetune"):
-            return
-        if "lr" not in self.config.get(self.stage, {}):
+        if "lr" not in self.config.get(self.stage, {}):  # a stage without an optimizer of its own
             return
         lr, before = self.config[self.stage]["lr"], saved_config.get(self.stage, {}).get("lr")
         for group in _inner_optimizer(self.engine).param_groups:

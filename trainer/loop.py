@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from trainer.engine import peak_rss_mb
 from trainer.optim import AlternatingAdamW
 
 
@@ -73,8 +74,6 @@ def _keep_steps_up_to(path: Path, step: int) -> None:
 def _step_stats(out: dict, batch: dict) -> tuple[float, float, float, int, float, list[float]]:
     """Loss, nll, reg (means over ranks), real tokens and padded fraction (over all ranks'
     batches), and every rank's peak RSS so far (MB), in one all_reduce."""
-    from trainer.engine import peak_rss_mb
-
     real = int((batch["doc_index"] >= 0).sum())
     rank, world = dist.get_rank(), dist.get_world_size()
     tensor = torch.zeros(5 + world, dtype=torch.float64)
