@@ -54,7 +54,7 @@ import logging
 import math
 import tempfile
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -63,7 +63,7 @@ import scipy.sparse as sp
 
 from .build import build_shards
 from .raw import (AMAZON_REVIEW_FIELDS, BAD_LINE_POLICIES, Column, InteractionFields, Interactions, JsonLinesFile,
-                  Malformed, RawDataError, TableFile, file_report, get_id, get_text, read_interactions)
+                  Malformed, RawDataError, TableFile, TableFormat, file_report, get_id, get_text, read_interactions)
 from .sources import ITEM_TEXT_KINDS, RawDataset, TextRecord
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,11 @@ class PrepareOptions:
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
     seed: int = 0
     bad_lines: str = "error"
+    # Layout (separator, encoding, header) of each delimited table, by the role of the file.
+    input_format: TableFormat = field(default_factory=lambda: TableFormat(flags="--"))
+    item_texts_format: TableFormat = field(default_factory=lambda: TableFormat(flags="--item-texts-"))
+    user_texts_format: TableFormat = field(default_factory=lambda: TableFormat(flags="--user-texts-"))
+    reviews_format: TableFormat = field(default_factory=lambda: TableFormat(flags="--reviews-"))
 
     def check(self) -> None:
         if self.source not in SOURCES:
@@ -108,6 +113,9 @@ class PrepareOptions:
         if given:
             raise ValueError(f"{', '.join(given)} cannot be used with --source {self.source} (--meta is for amazon; "
                              "--item-texts, --user-texts and --reviews are for table)")
+        if self.source == "amazon" and not self.input_format.is_default:
+            raise ValueError("--sep, --encoding, --no-header and --columns are for --source table; Amazon review "
+                             "files are JSON lines")
         if len(self.split) != 3 or min(self.split) <= 0 or abs(sum(self.split) - 1) > 1e-6:
             raise ValueError(f"split must be three positive fractions train,val,test summing to 1, got {self.split}")
         if int(self.kcore) != self.kcore or self.kcore < 0:
@@ -257,7 +265,7 @@ def _interaction_file(options: PrepareOptions) -> tuple[JsonLinesFile | TableFil
                Column(time, "--time-col", required=options.time_col is not None)]
     if filtering:
         columns.append(Column(rating, "--rating-col", required=options.rating_col is not None))
-    table = TableFile(options.input, columns, options.bad_lines)
+    table = TableFile(options.input, columns, options.bad_lines, options.input_format)
     return table, InteractionFields(options.user_col, options.item_col, rating if table.has(rating) else None,
                                     time if table.has(time) else None)
 
@@ -451,7 +459,7 @@ def _text_files(options: PrepareOptions) -> list[tuple[str, JsonLinesFile | Tabl
     if options.item_texts is not None:
         kinds = ITEM_TEXT_KINDS
         table = TableFile(options.item_texts, [Column(options.item_col, "--item-col")]
-                          + [Column(k, required=False) for k in kinds], options.bad_lines)
+                          + [Column(k, required=False) for k in kinds], options.bad_lines, options.item_texts_format)
         present = tuple(k for k in kinds if table.has(k))
         if not present:
             raise RawDataError(f"{table.path}: header: none of the text columns {list(kinds)}; the columns are "
@@ -459,14 +467,14 @@ def _text_files(options: PrepareOptions) -> list[tuple[str, JsonLinesFile | Tabl
         out.append(("item texts", table, TextSpec(present, lambda r: (None, get_id(r, options.item_col)), get_text)))
     if options.user_texts is not None:
         table = TableFile(options.user_texts, [Column(options.user_col, "--user-col"), Column("biography")],
-                          options.bad_lines)
+                          options.bad_lines, options.user_texts_format)
         out.append(("user texts", table,
                     TextSpec(("biography",), lambda r: (get_id(r, options.user_col), None), get_text)))
     if options.reviews is not None:
         col = options.review_col
         table = TableFile(options.reviews, [Column(options.user_col, "--user-col"),
                                             Column(options.item_col, "--item-col"), Column(col, "--review-col")],
-                          options.bad_lines)
+                          options.bad_lines, options.reviews_format)
         out.append(("reviews", table, TextSpec(("review",),
                                                lambda r: (get_id(r, options.user_col), get_id(r, options.item_col)),
                                                lambda r, kind: get_text(r, col))))

@@ -16,10 +16,15 @@ Each line is strict JSON or, when that fails, a Python literal (``ast.literal_ev
 Files are read as bytes and gunzipped when they start with the gzip magic bytes, whatever
 their name; text is UTF-8.
 
-**Tables**: CSV or TSV (``.csv``, ``.tsv``, each optionally ``.gz``), with a header row and the
-csv module's quoting rules; or Parquet (``.parquet``, needs pyarrow). Only the named columns
-are read. Locations are reported as the 1-based line of the file (the header is line 1) for
-CSV/TSV and as the 1-based data row for Parquet.
+**Tables**: delimited text or Parquet (``.parquet``, needs pyarrow). Delimited text is by
+default UTF-8 with a header row, comma-separated when named ``.csv`` and tab-separated when
+named ``.tsv`` (each optionally ``.gz``), with the csv module's quoting rules; a
+:class:`TableFormat` sets another separator (a longer one such as MovieLens' ``::`` splits
+lines plainly, without quoting), another encoding (MovieLens' ``u.item`` is Latin-1) or no
+header row (MovieLens' ``u.data``: columns are then named by position, ``1``, ``2``, ..., or by
+the names given). Only the named columns are read. Locations are reported as the 1-based line
+of the file (the header is line 1) for delimited text and as the 1-based data row for
+Parquet.
 
 Values
 ------
@@ -41,6 +46,7 @@ the whole file (missing column, unreadable gzip) always raise.
 from __future__ import annotations
 
 import ast
+import codecs
 import csv
 import gzip
 import io
@@ -67,10 +73,6 @@ _SKIP_HINT = ("fix or remove it, or pass --bad-lines skip to skip malformed reco
               "(they are counted in index.json)")
 _FIRST_LINES = 5  # line numbers kept per skip reason, for the report and the warning
 _MISSING = object()
-
-# Review texts can exceed the csv module's default 128 KiB field limit.
-csv.field_size_limit(1 << 30)
-
 
 class RawDataError(DataFormatError):
     """A raw input file cannot be used; the message names the file, the line, the field and the fix."""
@@ -322,20 +324,79 @@ class Column:
     required: bool = True
 
 
-class TableFile(_RecordFile):
-    """A CSV/TSV (optionally gzip) or Parquet table with a header; index = 0-based data row.
+_SEPARATOR_WORDS = {"tab": "\t", "\\t": "\t", "comma": ",", "pipe": "|", "semicolon": ";", "space": " "}
 
-    Only ``columns`` that the header has are read (records are ``{column: value}``); a
-    required column that the header lacks raises at construction.
+
+@dataclass
+class TableFormat:
+    """How a delimited text table is laid out. The defaults read a UTF-8 table with a header row,
+    comma-separated when named *.csv and tab-separated when named *.tsv.
+
+    ``flags`` is the prefix of the command-line flags that set these fields ("--" for the
+    interaction table, "--item-texts-" for the item texts, ...), so that errors name them.
     """
 
-    def __init__(self, path, columns: list[Column], bad_lines: str = "error"):
+    sep: str | None = None  # None: from the file name; one character (csv quoting rules) or longer, like "::" (plain split)
+    encoding: str = "utf-8"  # any ASCII-compatible codec: utf-8, latin-1, cp1252, ...
+    header: bool = True  # False: the first line is data; columns are named by `columns`, the rest by 1-based position
+    columns: tuple = ()  # names of a headerless table's leading columns ("" keeps a position name)
+    flags: str = "--"
+
+    def __post_init__(self):
+        if self.columns:
+            self.header = False
+        if self.sep is not None:
+            self.sep = _SEPARATOR_WORDS.get(self.sep.lower(), self.sep)
+            if not self.sep or self.sep in ("\n", "\r", '"'):
+                raise ValueError(f"{self.flags}sep {self.sep!r}: give the separator, e.g. tab, comma, '|' or '::'")
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ValueError(f"{self.flags}encoding {self.encoding!r}: unknown encoding; use e.g. utf-8 or "
+                             "latin-1") from None
+        if "a,\t|\n".encode(self.encoding, errors="replace") != b"a,\t|\n":
+            raise ValueError(f"{self.flags}encoding {self.encoding!r}: lines are read one by one, which needs an "
+                             "ASCII-compatible encoding (utf-8, latin-1, cp1252, ...); convert the file to UTF-8")
+
+    @property
+    def is_default(self) -> bool:
+        return self.sep is None and self.encoding == "utf-8" and self.header
+
+    def describe(self) -> dict:
+        return {"sep": self.sep, "encoding": self.encoding, "header": self.header, "columns": list(self.columns)}
+
+
+def _looks_numeric(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+class TableFile(_RecordFile):
+    """A delimited text table (CSV/TSV, optionally gzip; see :class:`TableFormat`) or Parquet;
+    index = 0-based data row.
+
+    Only ``columns`` that the header has are read (records are ``{column: value}``); a
+    required column that the header lacks raises at construction. A line that does not
+    decode in the table's encoding is a malformed record on that line (so ``bad_lines="skip"``
+    skips it), not an error of the whole file.
+    """
+
+    def __init__(self, path, columns: list[Column], bad_lines: str = "error", layout: TableFormat | None = None):
+        self.layout = layout or TableFormat()
         name = Path(path).name.lower()
         kind = next((s for s in TABLE_SUFFIXES if name.endswith(s)), None)
-        if kind is None:
+        if kind is None and self.layout.sep is None:
             raise RawDataError(f"{path}: unknown table format; name the file *.csv, *.tsv (optionally .gz) "
-                               "or *.parquet")
-        self.format = kind.split(".")[1]
+                               f"or *.parquet, or give the separator with {self.layout.flags}sep (tab, comma, '|', "
+                               "'::', ...)")
+        self.format = kind.split(".")[1] if kind else "delimited"
+        if self.format == "parquet" and not self.layout.is_default:
+            raise RawDataError(f"{path}: a Parquet file has its own columns and types; {self.layout.flags}sep, "
+                               f"{self.layout.flags}encoding, {self.layout.flags}no-header and "
+                               f"{self.layout.flags}columns are for text tables")
         self.unit = "row" if self.format == "parquet" else "line"
         super().__init__(path, bad_lines)
         self.header = self._read_header()
@@ -350,24 +411,86 @@ class TableFile(_RecordFile):
         return column in self.columns
 
     @property
-    def _delimiter(self) -> str:
-        return "\t" if self.format == "tsv" else ","
+    def _separator(self) -> str:
+        return self.layout.sep or ("\t" if self.format == "tsv" else ",")
 
-    def _open_text(self):
-        return io.TextIOWrapper(open_binary(self.path), encoding="utf-8-sig", newline="")
+    def _lines(self) -> Iterator[tuple[int, str, bool]]:
+        """(1-based line, text, decoded cleanly) of every physical line. Decoding line by line
+        puts an undecodable byte on its own line; decoding the stream in blocks reported it
+        blocks earlier."""
+        encoding = self.layout.encoding
+        with open_binary(self.path) as f:
+            for number, raw in enumerate(f, 1):
+                try:
+                    text, clean = raw.decode(encoding), True
+                except UnicodeDecodeError:
+                    text, clean = raw.decode(encoding, errors="replace"), False
+                if number == 1:
+                    text = text.lstrip("\ufeff")
+                yield number, text, clean
+
+    def _cells(self) -> Iterator[tuple[int, list | Malformed]]:
+        """(last physical line, cells or Malformed) of every row, blank rows as []."""
+        lines = self._lines()
+        if len(self._separator) > 1:  # "::" and the like: no quoting, one row per line
+            for number, text, clean in lines:
+                text = text.rstrip("\r\n")
+                yield number, (self._not_decoded() if not clean else text.split(self._separator) if text else [])
+            return
+        undecoded: list[int] = []
+
+        def texts():
+            for number, text, clean in lines:
+                if not clean:
+                    undecoded.append(number)
+                yield text
+
+        reader = csv.reader(texts(), delimiter=self._separator)
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                row = Malformed("(whole line)", f"not valid CSV/TSV ({e})")
+            if undecoded:  # named on its own line, not on the row's last
+                yield undecoded[0], self._not_decoded()
+                undecoded.clear()
+            else:
+                yield reader.line_num, row
+
+    def _not_decoded(self) -> Malformed:
+        return Malformed("(whole line)", f"not {self.layout.encoding} text (see {self.layout.flags}encoding)")
 
     def _read_header(self) -> list[str]:
         if self.format == "parquet":
             return list(_parquet(self.path).schema_arrow.names)
         try:
-            with self._open_text() as f:
-                header = next(csv.reader(f, delimiter=self._delimiter), None)
-        except (OSError, EOFError, zlib.error, UnicodeDecodeError, csv.Error) as e:
-            raise RawDataError(f"{self.path}: cannot read the header ({type(e).__name__}: {e}); "
-                               "expected a UTF-8 CSV/TSV table with a header row") from e
-        if not header:
-            raise RawDataError(f"{self.path}: the file is empty; expected a header row naming the columns")
-        return [h.strip() for h in header]
+            line, first = next(((n, row) for n, row in self._cells() if row != []), (0, None))
+        except (OSError, EOFError, zlib.error) as e:
+            raise RawDataError(f"{self.path}: cannot read the first line ({type(e).__name__}: {e}); "
+                               "the file is truncated or corrupt") from e
+        if first is None:
+            raise RawDataError(f"{self.path}: the file is empty; expected "
+                               + ("a header row naming the columns" if self.layout.header else "rows of data"))
+        if isinstance(first, Malformed):
+            raise RawDataError(f"{self.path}: line {line}: {first.reason}")
+        layout = self.layout
+        if layout.header:
+            header = [h.strip() for h in first]
+            if all(_looks_numeric(h) for h in header):
+                raise RawDataError(f"{self.path}: line 1 looks like data, not a header (every cell is a number: "
+                                   f"{header[:8]}); if the table has no header row, pass {layout.flags}no-header "
+                                   f"(columns are then named 1, 2, ... by position) or {layout.flags}columns "
+                                   "NAME,NAME,...")
+            return header
+        if len(layout.columns) > len(first):
+            raise RawDataError(f"{self.path}: {layout.flags}columns names {len(layout.columns)} columns but line "
+                               f"{line} has {len(first)} cells (separator {self._separator!r}): check "
+                               f"{layout.flags}sep and {layout.flags}columns")
+        names = [str(k + 1) for k in range(len(first))]
+        names[:len(layout.columns)] = [c.strip() or names[k] for k, c in enumerate(layout.columns)]
+        return names
 
     def _rows(self, select):
         return self._parquet_rows(select) if self.format == "parquet" else self._csv_rows(select)
@@ -375,37 +498,35 @@ class TableFile(_RecordFile):
     def _csv_rows(self, select):
         pos = [self.header.index(c) for c in self.columns]
         width = len(self.header)
-        index, line = -1, 1
+        what = "the header has" if self.layout.header else "the first row has"
+        index, line = -1, 0
+        limit = csv.field_size_limit()
+        csv.field_size_limit(1 << 30)  # review texts can exceed the csv module's 128 KiB default field
         try:
-            with self._open_text() as f:
-                reader = csv.reader(f, delimiter=self._delimiter)
-                next(reader)
-                while True:
-                    try:
-                        row = next(reader)
-                    except StopIteration:
+            rows = self._cells()
+            if self.layout.header:
+                next(r for r in rows if r[1] != [])
+            for line, row in rows:
+                if row == []:  # a blank line
+                    if select is None:
+                        yield -1, line, None
+                    continue
+                index += 1
+                if select is not None:
+                    if index >= len(select):
                         return
-                    except csv.Error as e:
-                        row = Malformed("(whole line)", f"not valid CSV/TSV ({e})")
-                    line = reader.line_num
-                    if not row:  # a blank line
-                        if select is None:
-                            yield -1, line, None
+                    if not select[index]:
                         continue
-                    index += 1
-                    if select is not None:
-                        if index >= len(select):
-                            return
-                        if not select[index]:
-                            continue
-                    if isinstance(row, Malformed):
-                        yield index, line, row
-                    elif len(row) != width:
-                        yield index, line, Malformed("(whole line)", f"has {len(row)} cells, the header has {width}")
-                    else:
-                        yield index, line, {c: row[p] for c, p in zip(self.columns, pos)}
-        except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
+                if isinstance(row, Malformed):
+                    yield index, line, row
+                elif len(row) != width:
+                    yield index, line, Malformed("(whole line)", f"has {len(row)} cells, {what} {width}")
+                else:
+                    yield index, line, {c: row[p] for c, p in zip(self.columns, pos)}
+        except (OSError, EOFError, zlib.error) as e:
             raise self._read_error(line + 1, e) from e
+        finally:
+            csv.field_size_limit(limit)
 
     def _parquet_rows(self, select):
         index = -1
@@ -519,5 +640,7 @@ def file_report(file: JsonLinesFile | TableFile) -> dict:
            "records": file.num_records, "blank_lines": file.blank_lines}
     if isinstance(file, TableFile):
         out["columns"] = file.columns
+        if file.format != "parquet":
+            out["layout"] = file.layout.describe()
     out["bad_records"] = file.bad.report()
     return out

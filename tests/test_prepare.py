@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from data_shards.prepare import PrepareOptions, kcore, prepare, preprocess, split_per_user
-from data_shards.raw import RawDataError
+from data_shards.raw import RawDataError, TableFormat
 from data_shards.reader import load_index, load_split
 from trainer.cli import main as cli_main
 
@@ -668,3 +668,95 @@ def test_an_output_that_cannot_be_written_is_refused_before_preprocessing(tmp_pa
     monkeypatch.setattr(prepare_module, "preprocess", lambda options: pytest.fail("preprocessed first"))
     with pytest.raises(PermissionError, match="cannot write there"):
         prepare(_amazon(path, kcore=0), Path("/proc/cllm4rec-shards"))
+
+
+# ----------------------------------------------------------------------------- table layouts (MovieLens files)
+
+
+def _movielens_100k(folder: Path) -> tuple[Path, Path]:
+    """u.data (tab-separated user, item, rating, timestamp, no header) and u.item (pipe-separated,
+    Latin-1, no header, 24 columns), laid out as MovieLens 100K ships them."""
+    rows = [f"{u}\t{i}\t{4 + (u + i) % 2}\t{881250949 + u * 10 + i}" for u in range(1, 7) for i in range(1, 7)]
+    rows.append("1\t9\t1\t881250000")  # rated 1: filtered out
+    (folder / "u.data").write_bytes(("\n".join(rows) + "\n").encode("latin-1"))
+    items = [f"{i}|Café {i} (1995)|01-Jan-1995||http://x/{i}|" + "|".join("01"[(i + g) % 2] for g in range(19))
+             for i in range(1, 7)]
+    (folder / "u.item").write_bytes(("\n".join(items) + "\n").encode("latin-1"))
+    return folder / "u.data", folder / "u.item"
+
+
+def test_movielens_headerless_tab_table_and_latin1_pipe_item_texts(tmp_path, capsys):
+    data, item = _movielens_100k(tmp_path)
+    out = tmp_path / "out"
+    cli_main(["prepare", "--source", "table", "--input", str(data), "--output", str(out), "--sep", "tab",
+              "--columns", "user,item,rating,timestamp", "--item-texts", str(item), "--item-texts-sep", "|",
+              "--item-texts-encoding", "latin-1", "--item-texts-columns", "item,title"])
+    index = load_index(out)
+    counts = index["preprocessing"]["counts"]
+    assert counts["rows_read"] == 37 and counts["after_rating_filter"] == 36  # no data row taken as a header
+    assert index["num_users"] == 6 and index["num_items"] == 6
+    titles = {k[2]: k[3] for k in _named_texts(out) if k[0] == "title"}
+    assert titles == {str(i): f"Café {i} (1995)" for i in range(1, 7)}
+    assert index["preprocessing"]["inputs"][0]["layout"] == {"sep": "\t", "encoding": "utf-8", "header": False,
+                                                             "columns": ["user", "item", "rating", "timestamp"]}
+    # The same file by column position.
+    by_position = tmp_path / "by_position"
+    cli_main(["prepare", "--source", "table", "--input", str(data), "--output", str(by_position), "--sep", "\\t",
+              "--no-header", "--user-col", "1", "--item-col", "2", "--rating-col", "3", "--time-col", "4"])
+    assert _pairs_by_name(by_position) == _pairs_by_name(out)
+
+
+def test_a_data_row_is_not_taken_for_a_header(tmp_path):
+    data, _ = _movielens_100k(tmp_path)
+    with pytest.raises(SystemExit) as err:
+        cli_main(["prepare", "--source", "table", "--input", str(data), "--output", str(tmp_path / "o"),
+                  "--sep", "tab", "--user-col", "1", "--item-col", "1", "--rating-col", "5"])
+    assert "u.data: line 1 looks like data, not a header" in str(err.value.code)
+    assert "--no-header" in str(err.value.code)
+    with pytest.raises(RawDataError, match=r"unknown table format.*--sep"):
+        preprocess(PrepareOptions("table", data))
+
+
+def test_multi_character_separator(tmp_path):
+    """MovieLens 1M's ratings.dat: UserID::MovieID::Rating::Timestamp, split plainly."""
+    path = _write(tmp_path / "ratings.dat", [f"{u}::{i}::5::97830{u}{i}" for u in range(6) for i in range(6)])
+    prep = preprocess(PrepareOptions("table", path, input_format=TableFormat(
+        sep="::", columns=("user", "item", "rating", "timestamp"))))
+    assert prep.report["counts"]["rows_read"] == 36 and len(prep.user_names) == 6
+    with pytest.raises(RawDataError, match=r"--columns names 4 columns but line 1 has 1 cells"):
+        preprocess(PrepareOptions("table", path, input_format=TableFormat(sep="|", columns=("user", "item", "r", "t"))))
+
+
+def test_layout_options_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="--encoding 'nope': unknown encoding"):
+        TableFormat(encoding="nope")
+    with pytest.raises(ValueError, match="--reviews-encoding 'utf-16': .*ASCII-compatible"):
+        TableFormat(encoding="utf-16", flags="--reviews-")
+    path = _json_lines(tmp_path / "r.json", _grid())
+    with pytest.raises(ValueError, match="are for --source table"):
+        preprocess(_amazon(path, input_format=TableFormat(sep="\t")))
+    parquet = _write_table(tmp_path / "t.parquet", ["user", "item"], [("u0", "i0")])
+    with pytest.raises(RawDataError, match="Parquet file has its own columns"):
+        preprocess(PrepareOptions("table", parquet, input_format=TableFormat(encoding="latin-1")))
+
+
+def test_undecodable_line_is_named_and_can_be_skipped(tmp_path):
+    """A bad byte on line 800 is reported on line 800 (stream decoding named a line blocks
+    earlier), and --bad-lines skip skips that line alone."""
+    rows = [f"u{k % 40},i{k % 37},5,{k}" for k in range(1, 1200)]
+    lines = ["user,item,rating,timestamp"] + rows
+    data = "\n".join(lines).encode() + b"\n"
+    cut = sum(len(line) + 1 for line in lines[:799])  # start of line 800
+    data = data[:cut] + b"u9\xff" + data[cut + 2:]  # "u9\xff,..." replaces line 800's user
+    path = tmp_path / "t.csv"
+    path.write_bytes(data)
+    with pytest.raises(RawDataError, match=r"t\.csv: line 800: .*not utf-8 text \(see --encoding\)"):
+        preprocess(PrepareOptions("table", path, kcore=0))
+    prep = preprocess(PrepareOptions("table", path, kcore=0, bad_lines="skip"))
+    assert prep.report["counts"]["rows_read"] == 1198
+    assert prep.report["counts"]["rows_skipped"] == {"(whole line): not utf-8 text (see --encoding)": 1}
+    assert prep.report["inputs"][0]["bad_records"]["reasons"] == {
+        "(whole line): not utf-8 text (see --encoding)": {"count": 1, "first_lines": [800]}}
+    # Latin-1 decodes every byte: the same file reads whole.
+    whole = preprocess(PrepareOptions("table", path, kcore=0, input_format=TableFormat(encoding="latin-1")))
+    assert whole.report["counts"]["rows_read"] == 1199 and whole.report["counts"]["rows_skipped"] == {}

@@ -77,6 +77,20 @@ def _build_shards(args) -> None:
     print(f"wrote shards to {args.output}: {index['num_users']} users, {index['num_items']} items, documents {counts}")
 
 
+_TABLE_ROLES = {"input": "", "item_texts": "item-texts-", "user_texts": "user-texts-", "reviews": "reviews-"}
+
+
+def _table_format(args, role: str):
+    from data_shards.raw import TableFormat
+
+    prefix = _TABLE_ROLES[role]
+    dest = prefix.replace("-", "_")
+    columns = getattr(args, f"{dest}columns")
+    return TableFormat(sep=getattr(args, f"{dest}sep"), encoding=getattr(args, f"{dest}encoding"),
+                       header=not getattr(args, f"{dest}no_header"),
+                       columns=tuple(columns.split(",")) if columns else (), flags=f"--{prefix}")
+
+
 def _prepare(args) -> None:
     from data_shards.prepare import PrepareOptions, prepare
 
@@ -92,6 +106,8 @@ def _prepare(args) -> None:
         rating_above=None if args.no_rating_filter else args.rating_above, kcore=args.kcore, split=split,
         seed=args.seed, bad_lines=args.bad_lines)
     try:
+        options.input_format, options.item_texts_format, options.user_texts_format, options.reviews_format = (
+            _table_format(args, role) for role in _TABLE_ROLES)
         index = prepare(options, args.output, args.docs_per_shard, args.overwrite)
     except (ValueError, OSError, EOFError, ImportError) as error:  # bad input or output folder: one line
         raise SystemExit(f"cllm4rec prepare: {error}") from None
@@ -267,6 +283,15 @@ def parser() -> argparse.ArgumentParser:
                    help="malformed records: error (default) or skip, count and report them")
     p.add_argument("--docs-per-shard", type=int, default=2000)
     p.add_argument("--overwrite", action="store_true")
+    for role, prefix in _TABLE_ROLES.items():
+        group = p.add_argument_group(f"layout of the --{role.replace('_', '-')} table (delimited text)")
+        group.add_argument(f"--{prefix}sep", metavar="SEP", help="column separator: tab, comma, pipe, semicolon, a character "
+                           "('|') or a string ('::', split plainly); default: from the name (.csv comma, .tsv tab)")
+        group.add_argument(f"--{prefix}encoding", metavar="ENCODING", default="utf-8", help="text encoding, e.g. latin-1 (default utf-8)")
+        group.add_argument(f"--{prefix}no-header", action="store_true",
+                           help="the first line is data; columns are named 1, 2, ... by position")
+        group.add_argument(f"--{prefix}columns", metavar="NAME,NAME,...",
+                           help="names of the leading columns of a table without a header row (implies no header)")
     p.set_defaults(func=_prepare)
 
     p = sub.add_parser("make-tiny-model", help="write a tiny random LLaMA checkpoint directory")
