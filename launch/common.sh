@@ -61,7 +61,7 @@ runner_args() {
 # pdsh and mpirun start the ranks of other nodes with a bare environment: DeepSpeed passes on
 # what ./.deepspeed_env lists. Lines for other variables already in the file are kept.
 write_deepspeed_env() {
-  local names="PATH PYTHONPATH DS_ACCELERATOR OMP_NUM_THREADS PYTHONWARNINGS TOKENIZERS_PARALLELISM MALLOC_MMAP_THRESHOLD_ MALLOC_MMAP_MAX_ MALLOC_TRIM_THRESHOLD_ GLIBC_TUNABLES HF_HOME HF_HUB_OFFLINE MASTER_ADDR MASTER_PORT ${CLLM4REC_EXPORT:-}"
+  local names="PATH PYTHONPATH DS_ACCELERATOR OMP_NUM_THREADS PYTHONWARNINGS TOKENIZERS_PARALLELISM MALLOC_MMAP_THRESHOLD_ MALLOC_MMAP_MAX_ MALLOC_TRIM_THRESHOLD_ GLIBC_TUNABLES HF_HOME HF_HUB_OFFLINE MASTER_ADDR MASTER_PORT CLLM4REC_STATUS_FILE ${CLLM4REC_EXPORT:-}"
   local tmp name
   tmp=$(mktemp)
   if [ -f .deepspeed_env ]; then
@@ -96,9 +96,10 @@ run_rank() {
 #              [--launcher pdsh|openmpi] [--no_ssh] CONFIG [key.sub=value ...] [--resume auto]
 # The options before CONFIG are the deepspeed runner's, and set the variables above.
 # Preemption: a SIGTERM or SIGUSR1 sent to this process group (what Slurm and `kill -TERM -PGID`
-# do) reaches the ranks, which finish the step, save a checkpoint and
-# stop. This shell and the deepspeed runner ignore both signals so that they stay to report
-# the outcome; the runner would otherwise die at once and the launcher die of SIGUSR1.
+# do), or to the ranks of any node, makes every rank finish the step, save a checkpoint and
+# stop with status 75; this script then says so and exits 75. The deepspeed runner starts with
+# both signals ignored so that it stays to report the outcome (it would otherwise die at once,
+# and the launcher die of SIGUSR1).
 launch() {
   local stage=$1
   shift
@@ -122,14 +123,38 @@ launch() {
   if [ ! -f "$config" ]; then echo "launch/$stage.sh: config file '$config' not found" >&2; exit 2; fi
   CLLM4REC_STATUS_FILE=$(mktemp)
   export CLLM4REC_STATUS_FILE
-  trap '' TERM USR1
-  local status=0
+  local status=0 signalled=0
+  trap 'signalled=1' TERM USR1
   runner_args || exit 2
-  deepspeed "${RUNNER_ARGS[@]}" --module trainer.cli "$stage" --config "$config" "$@" || status=$?
-  if grep -q preempted "$CLLM4REC_STATUS_FILE"; then
+  (trap '' TERM USR1; exec deepspeed "${RUNNER_ARGS[@]}" --module trainer.cli "$stage" --config "$config" "$@") || status=$?
+  if [ "$signalled" = 1 ] && [ -n "${HOSTFILE:-}" ] && [ "${LAUNCHER:-pdsh}" = pdsh ]; then wait_for_nodes; fi
+  if [ "$status" != 0 ] && { [ "$status" = "$EXIT_PREEMPTED" ] || grep -q preempted "$CLLM4REC_STATUS_FILE" || remote_status_says_preempted; }; then
     echo "launch/$stage.sh: preempted; a checkpoint was saved: rerun with --resume auto" >&2
     status=$EXIT_PREEMPTED
   fi
   rm -f "$CLLM4REC_STATUS_FILE"
   return "$status"
+}
+
+# The hosts of a pdsh launch, comma-separated: the first NNODES of HOSTFILE.
+pdsh_hosts() {
+  grep -E '^[^#[:space:]]+[[:space:]]+slots=[0-9]+' "$HOSTFILE" | head -n "$NNODES" | awk '{print $1}' | paste -sd, -
+}
+
+# A signalled deepspeed runner stops the ranks of every node through pdsh (their launcher gives
+# them SIGTERM: they save and stop) but exits without waiting for them. Wait until no launcher
+# of this job (its --master_port) is left on any node.
+wait_for_nodes() {
+  echo "launch: signalled; waiting for the ranks of every node to save and stop" >&2
+  PDSH_RCMD_TYPE=ssh timeout "${CLLM4REC_STOP_WAIT_S:-300}" pdsh -S -w "$(pdsh_hosts)" \
+    "while pgrep -f '[d]eepspeed.launcher.launch.*--master_port=$MASTER_PORT' >/dev/null; do sleep 1; done" || true
+}
+
+# Rank 0 writes the status file on its own node, the first host; read it there when that is not
+# this machine.
+remote_status_says_preempted() {
+  [ -n "${HOSTFILE:-}" ] && [ "${LAUNCHER:-pdsh}" = pdsh ] || return 1
+  local first
+  first=$(pdsh_hosts | cut -d, -f1)
+  PDSH_RCMD_TYPE=ssh pdsh -N -w "$first" "cat '$CLLM4REC_STATUS_FILE' 2>/dev/null; rm -f '$CLLM4REC_STATUS_FILE'" 2>/dev/null | grep -q preempted
 }

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import torch
@@ -142,3 +143,28 @@ def write_tiny_gguf(path: Path, architecture: str = "llama") -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def apt_install(packages: list[str], programs: list[str]) -> None:
+    """apt-get install `packages` unless every one of `programs` is on PATH, or skip the test
+    saying why that is impossible here."""
+    import shutil
+
+    import pytest
+
+    if all(shutil.which(p) for p in programs):
+        return
+    missing = ", ".join(p for p in programs if not shutil.which(p))
+    if os.geteuid() != 0:
+        pytest.skip(f"{missing} not installed, and installing {' '.join(packages)} with apt needs root")
+    if not shutil.which("apt-get"):
+        pytest.skip(f"{missing} not installed, and there is no apt-get to install {' '.join(packages)}")
+    env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
+    done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:  # an image without package lists
+        subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=900)
+        done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0 or not all(shutil.which(p) for p in programs):
+        pytest.skip(f"installing {' '.join(packages)} with apt-get failed (status {done.returncode}): "
+                    f"{(done.stdout + done.stderr)[-800:]}")

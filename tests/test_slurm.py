@@ -25,7 +25,7 @@ from data_shards.build import build_shards
 from data_shards.sources import load_cllm4rec
 from data_shards.synthetic import write_synthetic_cllm4rec
 from tests.conftest import REPO
-from tests.helpers import launcher_env, write_tiny_checkpoint
+from tests.helpers import apt_install, launcher_env, write_tiny_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -47,26 +47,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
-
-
-def _install_slurm() -> None:
-    """apt-get install the packages, or skip saying why that is impossible here."""
-    if all(shutil.which(p) for p in PROGRAMS):
-        return
-    if os.geteuid() != 0:
-        pytest.skip(f"Slurm is not installed ({', '.join(p for p in PROGRAMS if not shutil.which(p))} missing) "
-                    f"and installing {' '.join(PACKAGES)} with apt needs root")
-    if not shutil.which("apt-get"):
-        pytest.skip(f"Slurm is not installed and there is no apt-get to install {' '.join(PACKAGES)}")
-    env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]
-    done = _run(install, env=env, timeout=900)
-    if done.returncode != 0:  # an image without package lists
-        _run(["apt-get", "update"], env=env, timeout=900)
-        done = _run(install, env=env, timeout=900)
-    if done.returncode != 0 or not all(shutil.which(p) for p in PROGRAMS):
-        pytest.skip(f"installing {' '.join(PACKAGES)} with apt-get failed (status {done.returncode}): "
-                    f"{(done.stdout + done.stderr)[-800:]}")
 
 
 class LocalSlurm:
@@ -170,7 +150,7 @@ def job_state(slurm: LocalSlurm, job) -> dict:
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    _install_slurm()
+    apt_install(PACKAGES, PROGRAMS)
     cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
     try:
         cluster.start()
