@@ -16,8 +16,10 @@ from pathlib import Path
 
 from trainer.batching import Collator
 from trainer.config import load_config
-from trainer.engine import build_engine, build_model, init_distributed, load_ds_config, stream_readers
-from trainer.loop import TrainLog, train_epoch
+from trainer.distributed import init_distributed
+from trainer.engine import build_engine, build_model, load_ds_config
+from trainer.readers import stream_readers
+from trainer.loop import Epoch, TrainLog, train_epoch
 from trainer.optim import AlternatingAdamW, param_groups
 
 
@@ -36,7 +38,7 @@ def timed_epoch(engine, optimizer, reader, make, task, steps, log, workers, out:
     """(wall seconds of the epoch, mean seconds per step after the first two): a step is the
     wait for its batch plus the training step, as train_log.jsonl records them."""
     start = time.perf_counter()
-    train_epoch(engine, optimizer, reader, make, task, task, 0, task, log, steps, num_workers=workers)
+    train_epoch(engine, optimizer, Epoch(reader, make, task, task, label=task, max_steps=steps, num_workers=workers), log)
     wall = time.perf_counter() - start
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()[-steps:]]
     steady = [r["data_s"] + r["step_s"] for r in records[2:]]

@@ -311,7 +311,7 @@ def _content_start(reader, collator) -> tuple[int, int]:
     that it is the second of the run (the first is the warm-up)."""
     from data_shards.documents import content_text
 
-    for step, docs in enumerate(reader.epoch(0)):
+    for step, (_, docs, _) in enumerate(reader.loader(0)):
         reviews = [d["text"] for d in docs if d["kind"] == "review"]
         if reviews and max(len(t) for t in collator.tok.encode_many([content_text(t) for t in reviews],
                                                                     with_bos=False)) >= collator.max_text_tokens:
@@ -338,8 +338,9 @@ def train_worker(args, stream: str, variant: str, result: dict) -> None:
 
     from data_shards.reader import ShardReader, load_index
     from trainer.batching import Collator
-    from trainer.engine import build_engine, build_model, init_distributed, load_ds_config
-    from trainer.loop import TrainLog, train_epoch
+    from trainer.distributed import init_distributed
+    from trainer.engine import build_engine, build_model, load_ds_config
+    from trainer.loop import Epoch, TrainLog, train_epoch
     from trainer.optim import AlternatingAdamW, param_groups
 
     cfg = _config(args, variant)
@@ -382,8 +383,15 @@ def train_worker(args, stream: str, variant: str, result: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_log.jsonl").unlink(missing_ok=True)
     log = TrainLog(out, 0, 1000000)
-    train_epoch(engine, optimizer, Fixed(), make, task, owner, 0, f"{stream} {variant}", log,
-                after_step=lambda next_step, *_: after_step(next_step - 1))
+    class Gate:  # the lockstep's step boundary, where the recipes checkpoint
+        def before_epoch(self, epoch, progress):
+            pass
+
+        def after_step(self, step, epoch, progress):
+            after_step(progress.next_step - 1)
+
+    train_epoch(engine, optimizer, Epoch(Fixed(), make, task, owner, label=f"{stream} {variant}"), log,
+                checkpoints=Gate())
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()][1:]
     seconds = sum(r["step_s"] for r in records)
     tokens = sum(r["tokens"] for r in records)
@@ -441,7 +449,7 @@ def inference_worker(args, result: dict) -> None:
     from data_shards.reader import load_index, load_split
     from trainer.batching import Collator
     from trainer.engine import build_model
-    from trainer.evaluate import rank_block
+    from trainer.ranking import rank_block
     from trainer.metrics import csr_rows
 
     torch.set_num_threads(args.threads)

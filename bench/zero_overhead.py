@@ -65,7 +65,9 @@ def run_plain(args) -> list[dict]:
     from data_shards.reader import ShardReader, load_index
     from trainer.batching import Collator
     from trainer.config import load_config
-    from trainer.engine import build_model, init_distributed, peak_rss_mb, seed_everything, throughput_meter
+    from trainer.distributed import init_distributed, seed_everything
+    from trainer.engine import build_model, throughput_meter
+    from trainer.resources import peak_rss_mb
     from trainer.optim import AlternatingAdamW, param_groups
 
     torch.set_num_threads(os.cpu_count())

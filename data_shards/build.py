@@ -31,13 +31,12 @@ from typing import Iterable, Iterator
 import numpy as np
 import scipy.sparse as sp
 
-from .sources import TEXT_KINDS, RawDataset, load_cllm4rec
+from .names import SPLITS, STREAMS, TEXT_KINDS
+from .sources import RawDataset, load_cllm4rec
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-STREAMS = ("collab", "rec", "content")
-SPLIT_NAMES = ("train", "val", "test")
 INDEX_NAME = "index.json"
 # What build_shards writes into out_dir (and what overwrite=True removes).
 _OWNED = (*STREAMS, "splits", "id_maps", INDEX_NAME)
@@ -118,7 +117,7 @@ def _write_stream(out_dir: Path, stream: str, docs: Iterable[dict], total: int, 
 
 def _check_dataset(ds: RawDataset) -> None:
     shape = (int(ds.num_users), int(ds.num_items))
-    for name in SPLIT_NAMES:
+    for name in SPLITS:
         m = getattr(ds, name)
         if not sp.issparse(m) or m.shape != shape:
             raise ValueError(f"dataset.{name} must be a scipy sparse matrix of shape {shape}, "
@@ -131,7 +130,7 @@ def _check_dataset(ds: RawDataset) -> None:
 def _written_by_a_build(relative: str) -> bool:
     """Whether a path (relative to the shard folder, with /) is one that build_shards writes."""
     return bool(re.fullmatch(rf"(?:{INDEX_NAME}|(?:{'|'.join(STREAMS)})/(?:{'|'.join(STREAMS)})-\d{{5}}\.tar"
-                             rf"|splits/(?:{'|'.join(SPLIT_NAMES)})\.npz|id_maps/(?:users|items)\.json)(?:\.tmp)?",
+                             rf"|splits/(?:{'|'.join(SPLITS)})\.npz|id_maps/(?:users|items)\.json)(?:\.tmp)?",
                              relative))
 
 
@@ -187,7 +186,7 @@ def build_shards(dataset: RawDataset, out_dir, docs_per_shard: int = 2000, overw
     train = sp.csr_matrix(dataset.train, dtype=np.float32)
     splits = {}
     (out_dir / "splits").mkdir(exist_ok=True)
-    for name in SPLIT_NAMES:
+    for name in SPLITS:
         m = sp.csr_matrix(getattr(dataset, name), dtype=np.float32)
         m.sort_indices()
         sp.save_npz(out_dir / "splits" / f"{name}.npz", m)

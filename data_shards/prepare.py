@@ -64,7 +64,8 @@ import scipy.sparse as sp
 from .build import build_shards
 from .raw import (AMAZON_REVIEW_FIELDS, BAD_LINE_POLICIES, Column, InteractionFields, Interactions, JsonLinesFile,
                   Malformed, RawDataError, TableFile, TableFormat, file_report, get_id, get_text, read_interactions)
-from .sources import ITEM_TEXT_KINDS, RawDataset, TextRecord
+from .names import ITEM_TEXT_KINDS, SPLITS
+from .sources import RawDataset, TextRecord
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,6 @@ SOURCES = ("amazon", "table")
 ID_MAPS = "id_maps"
 MIN_USER_INTERACTIONS = 3  # one train, one val and one test item
 _TRAIN, _VAL, _TEST = 0, 1, 2
-_SPLIT_NAMES = ("train", "val", "test")
 
 
 @dataclass
@@ -206,13 +206,13 @@ def preprocess(options: PrepareOptions) -> Prepared:
     u, i = u[order], i[order]
     label = split_per_user(u, len(user_names), options.split, options.seed)
     shape = (len(user_names), len(item_names))
-    mats = {name: _csr(u[label == k], i[label == k], shape) for k, name in enumerate(_SPLIT_NAMES)}
+    mats = {name: _csr(u[label == k], i[label == k], shape) for k, name in enumerate(SPLITS)}
     counts["final"] = {"users": shape[0], "items": shape[1], "interactions": int(u.size),
                        **{name: int(m.nnz) for name, m in mats.items()}}
     log.info("%s: %d rows -> rating filter %d -> dedupe %d -> k-core (k=%d) %d (%d passes): %d users, %d items; "
              "train/val/test %d/%d/%d", file.path.name, len(inter), counts["after_rating_filter"],
              counts["after_dedupe"]["interactions"], options.kcore, u.size, len(passes), shape[0], shape[1],
-             *(counts["final"][s] for s in _SPLIT_NAMES))
+             *(counts["final"][s] for s in SPLITS))
 
     pairs = _Pairs(u, i, label, shape[1])
     del u, i, label, order

@@ -49,7 +49,6 @@ import ast
 import codecs
 import csv
 import gzip
-import io
 import json
 import logging
 import math

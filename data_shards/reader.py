@@ -46,7 +46,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .build import FORMAT_VERSION, INDEX_NAME, SPLIT_NAMES, sha256_of
+from .build import FORMAT_VERSION, INDEX_NAME, sha256_of
+from .names import SPLITS
 
 _REBUILD = "rebuild the shards with `cllm4rec build-shards` / `cllm4rec prepare` (with --overwrite)"
 _SKIP = "or set data.bad_shards=skip to train without the bad shards"
@@ -80,7 +81,7 @@ def load_index(shard_dir) -> dict:
     version = index.get("format_version") if isinstance(index, dict) else None
     if version != FORMAT_VERSION:
         raise ShardError(f"{path} has format_version {version!r}, this code reads {FORMAT_VERSION}; {_REBUILD}")
-    listed = [f"splits/{name}.npz" for name in SPLIT_NAMES] + sorted((index.get("id_maps") or {}).values())
+    listed = [f"splits/{name}.npz" for name in SPLITS] + sorted((index.get("id_maps") or {}).values())
     missing = [name for name in listed if not (Path(shard_dir) / name).is_file()]
     if missing:
         raise ShardError(f"{path} lists {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} missing "
@@ -90,8 +91,8 @@ def load_index(shard_dir) -> dict:
 
 def load_split(shard_dir, name) -> sp.csr_matrix:
     """The ``name`` split ("train", "val" or "test") as CSR float32 (num_users, num_items)."""
-    if name not in SPLIT_NAMES:
-        raise ValueError(f"unknown split {name!r}; expected one of {SPLIT_NAMES}")
+    if name not in SPLITS:
+        raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
     path = Path(shard_dir) / "splits" / f"{name}.npz"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; run `cllm4rec build-shards` to create {shard_dir}")
@@ -370,12 +371,6 @@ class ShardReader:
                     found.append(f"shard {extra} is not listed in {self.shard_dir / INDEX_NAME}")
         return found
 
-    def verify(self, checksum: bool = True) -> None:
-        """Raise :class:`ShardError` naming every bad shard (see :meth:`problems`)."""
-        found = self.problems(checksum)
-        if found:
-            raise ShardError("; ".join(found) + f". {_REBUILD}, {_SKIP}")
-
     # ------------------------------------------------------------------ reading
 
     def read_step(self, epoch: int, step: int, files: _OpenShards) -> list[dict]:
@@ -404,11 +399,6 @@ class ShardReader:
         if not 0 <= int(start_step) <= self.steps_per_epoch:
             raise ValueError(f"start_step must be in [0, {self.steps_per_epoch}], got {start_step}")
         return stop
-
-    def epoch(self, epoch: int, start_step: int = 0, stop_step: int | None = None) -> Iterator[list[dict]]:
-        """This rank's batches of ``epoch`` for steps [start_step, stop_step), read in this process."""
-        stop = self._check_range(epoch, start_step, stop_step)
-        return (docs for _, docs, _ in EpochSteps(self, int(epoch), int(start_step), stop, None))
 
     def loader(self, epoch: int, start_step: int = 0, stop_step: int | None = None,
                transform: Callable[[list[dict], int], object] | None = None,

@@ -30,11 +30,10 @@ from typing import Iterable
 import numpy as np
 import scipy.sparse as sp
 
+from .names import ITEM_TEXT_KINDS, SPLITS
+
 log = logging.getLogger(__name__)
 
-TEXT_KINDS = ("review", "title", "brand", "categories", "description", "tags", "biography")
-ITEM_TEXT_KINDS = ("title", "brand", "categories", "description")
-SPLITS = ("train", "val", "test")
 
 _USER_RE = re.compile(r"user_(\d+)")
 _ITEM_RE = re.compile(r"item_(\d+)")

@@ -9,7 +9,7 @@ right-padded blocks, documents of similar length together, and each block is one
 call. Right padding under a causal mask never reaches a real query, so no mask is needed and the
 result is the masked row's (tested against it).
 
-Registered with transformers' AttentionInterface. A batch comes with its `DocumentLayout`
+Registered with transformers' AttentionInterface by register_sdpa_varlen(). A batch comes with its `DocumentLayout`
 (CLLM4Rec.hidden_states passes it); without one, for instance for a padded batch with an
 attention mask or for generation with a KV cache, the call is transformers' plain sdpa.
 """
@@ -123,6 +123,9 @@ def sdpa_varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     return out.view(batch, width, heads, head_dim), None
 
 
-AttentionInterface.register(SDPA_VARLEN, sdpa_varlen_attention)
-# The mask transformers builds for a packed batch is only used when no layout comes with it.
-ALL_MASK_ATTENTION_FUNCTIONS.register(SDPA_VARLEN, sdpa_mask)
+def register_sdpa_varlen() -> None:
+    """Make `sdpa_varlen` an attention implementation of transformers (registering again is
+    harmless). Called before a model is built with it, not on import."""
+    AttentionInterface.register(SDPA_VARLEN, sdpa_varlen_attention)
+    # The mask transformers builds for a packed batch is only used when no layout comes with it.
+    ALL_MASK_ATTENTION_FUNCTIONS.register(SDPA_VARLEN, sdpa_mask)

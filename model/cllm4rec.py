@@ -25,15 +25,14 @@ are summed per document whatever the layout.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
 from torch import nn
 
 from model.attention import SDPA_VARLEN, document_layout
-from model.lora import activate_adapter
+from model.loss_config import LossConfig
+from model.lora import MODELS, activate_adapter
 
 TASKS = ("collab", "content", "rec", "score", "topk")
 
@@ -160,20 +159,12 @@ class IDTable(nn.Module):
         return F.embedding(ids, self.weight)
 
 
-@dataclass
-class LossConfig:
-    lambda_c: float = 1.0  # mutual-regularization strength between collab and content tables
-    lambda_l: float = 0.0  # optional Gaussian prior on the collab rows of each document
-    # Positions per chunk of the vocabulary head's cross-entropy (VocabCrossEntropy). 0: the naive
-    # way, full-vocabulary logits of every position of the batch kept for backward (for comparison).
-    vocab_chunk: int = 1024
-
-
 class CLLM4Rec(nn.Module):
     def __init__(self, backbone: nn.Module, vocab_size: int, num_users: int, num_items: int,
-                 loss: LossConfig | None = None, init_std: float = 0.02):
+                 loss: LossConfig | None = None, init_std: float = 0.02, attention: str = ""):
         super().__init__()
         self.backbone = backbone
+        self.attention = attention  # the base's attention implementation: how packed documents reach it
         self.vocab_size = vocab_size
         self.num_users = num_users
         self.num_items = num_items
@@ -181,7 +172,7 @@ class CLLM4Rec(nn.Module):
         dim = self._hf().config.hidden_size
         self.tables = nn.ModuleDict({
             f"{model}_{kind}": IDTable(num_users if kind == "user" else num_items, dim, init_std)
-            for model in ("collab", "content") for kind in ("user", "item")
+            for model in MODELS for kind in ("user", "item")
         })
         self.vocab_loss = VocabLoss()  # no parameters of its own
         if not self.lora:  # paper mode: only the ID tables train
@@ -218,7 +209,7 @@ class CLLM4Rec(nn.Module):
         embeds = self.embed(ids, model)
         mask, positions = batch.get("attention_mask"), batch.get("position_ids")
         rows, width = ids.shape
-        attention = getattr(self._hf().config, "_attn_implementation", "")
+        attention = self.attention
         if mask is None and rows > 1 and attention == "flash_attention_2":
             # flash-attn reads documents from position ids (varlen) only in a single row, so the
             # packed rows are laid end to end; each row's padding tail is its own short sequence.

@@ -3,15 +3,15 @@ from __future__ import annotations
 
 from peft import LoraConfig, PeftModel, get_peft_model
 
-ADAPTERS = ("collab", "content")
+MODELS = ("collab", "content")  # the two LLMs: the shared frozen base + each its own adapter and ID tables
 
 
 def add_adapters(hf_model, r: int, alpha: float, dropout: float, target_modules: list[str]) -> PeftModel:
     """Wrap `hf_model` with one adapter per model; the base stays frozen."""
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
                         bias="none", task_type="CAUSAL_LM")
-    peft_model = get_peft_model(hf_model, config, adapter_name=ADAPTERS[0])
-    for name in ADAPTERS[1:]:
+    peft_model = get_peft_model(hf_model, config, adapter_name=MODELS[0])
+    for name in MODELS[1:]:
         peft_model.add_adapter(name, config)
     for name, param in peft_model.named_parameters():
         param.requires_grad = "lora_" in name
@@ -29,10 +29,5 @@ def activate_adapter(peft_model: PeftModel, name: str) -> None:
     if peft_model.active_adapter == name:
         return
     peft_model.set_adapter(name)
-    peft_model.set_requires_grad(list(ADAPTERS), requires_grad=True)
+    peft_model.set_requires_grad(list(MODELS), requires_grad=True)
 
-
-def adapter_parameters(peft_model: PeftModel, name: str) -> dict:
-    """Named LoRA parameters that belong to adapter `name`."""
-    marker = f".{name}."
-    return {n: p for n, p in peft_model.named_parameters() if "lora_" in n and marker in n}

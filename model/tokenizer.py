@@ -16,18 +16,8 @@ text, so canonical text (one space before each ID) round-trips exactly.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-
-import torch
 
 ID_PATTERN = re.compile(r"(user_\d+|item_\d+)")
-
-
-@dataclass
-class EncodedBatch:
-    input_ids: torch.Tensor  # (B, T) long, right-padded with pad_id
-    attention_mask: torch.Tensor  # (B, T) long, 1 on real tokens
-    lengths: torch.Tensor  # (B,) long
 
 
 class IDTokenizer:
@@ -105,19 +95,6 @@ class IDTokenizer:
 
     def encode(self, text: str, with_bos: bool | None = None) -> list[int]:
         return self.encode_many([text], with_bos)[0]
-
-    def pad(self, sequences: list[list[int]]) -> EncodedBatch:
-        lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
-        width = int(lengths.max()) if len(sequences) else 0
-        ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for row, seq in enumerate(sequences):
-            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            mask[row, : len(seq)] = 1
-        return EncodedBatch(ids, mask, lengths)
-
-    def __call__(self, texts: list[str]) -> EncodedBatch:
-        return self.pad(self.encode_many(texts))
 
     # ----- decoding --------------------------------------------------------------------
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from model.attention import register_sdpa_varlen
 from model.cllm4rec import CLLM4Rec, LossConfig
 from model.lora import add_adapters
 from model.tokenizer import IDTokenizer
@@ -27,10 +28,12 @@ def tiny_model(lora: bool = True, seed: int = 0, lambda_c: float = 1.0, attentio
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(base_tok), **TINY_LLAMA)
     hf = LlamaForCausalLM(config)
+    register_sdpa_varlen()
     hf.set_attn_implementation(attention)
     hf.requires_grad_(False)
     backbone = add_adapters(hf, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]) if lora else hf
-    model = CLLM4Rec(backbone, len(base_tok), NUM_USERS, NUM_ITEMS, LossConfig(lambda_c=lambda_c, vocab_chunk=7))
+    model = CLLM4Rec(backbone, len(base_tok), NUM_USERS, NUM_ITEMS, LossConfig(lambda_c=lambda_c, vocab_chunk=7),
+                     attention=attention)
     tok = IDTokenizer(base_tok, NUM_USERS, NUM_ITEMS)
     return model, tok
 
@@ -168,3 +171,8 @@ def apt_install(packages: list[str], programs: list[str]) -> None:
     if done.returncode != 0 or not all(shutil.which(p) for p in programs):
         pytest.skip(f"installing {' '.join(packages)} with apt-get failed (status {done.returncode}): "
                     f"{(done.stdout + done.stderr)[-800:]}")
+
+
+def batches(reader, epoch: int, start_step: int = 0, stop_step: int | None = None) -> list[list[dict]]:
+    """This rank's documents of each step of `epoch`, read in this process."""
+    return [docs for _, docs, _ in reader.loader(epoch, start_step, stop_step)]

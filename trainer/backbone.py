@@ -6,6 +6,7 @@ the same `load_backbone` path a real checkpoint takes.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -14,7 +15,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from model.attention import SDPA_VARLEN  # importing it registers the attention with transformers
+from model.attention import SDPA_VARLEN, register_sdpa_varlen
+from trainer import compat
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,8 @@ def load_backbone(base_dir: str, attn_implementation: str = "auto", dtype=torch.
     every rank holds the whole 4-bit base, which ZeRO does not partition.
     """
     attention = choose_attention(attn_implementation, dtype)
+    if attention == SDPA_VARLEN:
+        register_sdpa_varlen()
     log.info("attention implementation: %s (requested %s; flash-attn is used when importable on a GPU in "
              "bf16/fp16, else SDPA one document at a time: sdpa_varlen)", attention, attn_implementation)
     path = check_base_dir(base_dir)
@@ -76,10 +80,8 @@ def load_backbone(base_dir: str, attn_implementation: str = "auto", dtype=torch.
         if zero3_config is not None:
             log.warning("%s has no safetensors weights: transformers loads the checkpoint whole on rank 0 and "
                         "scatters it (convert it with save_pretrained to load partitioned)", path)
-            from transformers.integrations import HfDeepSpeedConfig
-
-            keep_alive = HfDeepSpeedConfig(zero3_config)  # noqa: F841  (read by from_pretrained)
-        model = _from_pretrained(path, attn_implementation=attention, dtype=dtype)
+        with compat.deepspeed_config_for_transformers(zero3_config) if zero3_config else contextlib.nullcontext():
+            model = _from_pretrained(path, attn_implementation=attention, dtype=dtype)
     _log_head(model, path)
     model.requires_grad_(False)
     model.config.use_cache = False
@@ -132,19 +134,12 @@ def load_partitioned(path: Path, weight_map: dict[str, Path], attention: str, dt
     transformers' own ZeRO-3 loading has rank 0 map every checkpoint file and scatter each layer,
     so rank 0 touches the whole base. Here each rank reads, per weight, only the rows that
     cover its own slice of the flattened tensor, which is how ZeRO-3 lays partitions out
-    (rank r holds elements [r*p, (r+1)*p) of the flat weight, p = ds_tensor.ds_numel).
+    (compat.partition_of).
     """
-    import deepspeed
     from safetensors import safe_open
     from transformers import AutoConfig
-    from transformers.initialization import no_init_weights
-    from transformers.integrations import HfDeepSpeedConfig
-    from transformers.integrations.deepspeed import prevent_arange_dtype_change
-    from transformers.modeling_utils import set_zero3_state
 
-    keep_alive = HfDeepSpeedConfig(zero3_config)  # noqa: F841  (transformers reads it while building)
-    with no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=zero3_config), \
-            set_zero3_state():
+    with compat.zero3_build_context(zero3_config):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), attn_implementation=attention,
                                                  dtype=dtype)
     # transformers ties the head to the input embedding while it loads a checkpoint, not when it
@@ -180,9 +175,8 @@ def _fill_partition(param, stored, where: str) -> None:
     shape = tuple(stored.get_shape())
     if shape != tuple(param.ds_shape):
         raise ValueError(f"{where}: shape {shape} in the checkpoint, {tuple(param.ds_shape)} in the model config")
-    numel, part = param.ds_numel, param.ds_tensor.ds_numel
-    start = part * torch.distributed.get_rank(group=param.ds_process_group)
-    end = min(start + part, numel)
+    partition, start, end = compat.partition_of(param)
+    numel = param.ds_numel
     if start >= end:
         return
     row = max(1, numel // shape[0]) if shape else 1
@@ -190,7 +184,7 @@ def _fill_partition(param, stored, where: str) -> None:
     rows = stored[first:last] if shape else stored[:]
     flat = rows.reshape(-1)[start - first * row: end - first * row]
     with torch.no_grad():
-        param.ds_tensor[: end - start].copy_(flat)
+        partition[: end - start].copy_(flat)
 
 
 def train_bpe_tokenizer(texts, vocab_size: int = 4000) -> PreTrainedTokenizerFast:

@@ -38,6 +38,8 @@ import torch
 import torch.distributed as dist
 
 from data_shards.build import sha256_of
+from trainer import compat
+from model.lora import MODELS
 from trainer.model_state import gathered_params
 
 log = logging.getLogger("cllm4rec")
@@ -156,18 +158,6 @@ class PreemptionWatch:
         return bool(flag)
 
 
-def resume_position(state: dict | None, number: int, reader, epoch: int) -> tuple[int, float]:
-    """(first step, summed loss of the steps before it) of entry `number` of a recipe's plan:
-    where a run resumed from `state` (trainer_state) continues; (0, 0.0) for a fresh entry."""
-    progress = state["progress"] if state else {}
-    if not state or number != progress["plan_index"] or not progress["next_step"]:
-        return 0, 0.0
-    if reader.resume_point(state["reader"]) != (epoch, progress["next_step"]):
-        raise RuntimeError(f"checkpoint of step {state['step']}: its reader state and progress disagree; "
-                           "resume from an earlier checkpoint (run.resume=<folder>)")
-    return progress["next_step"], progress["loss_sum"]
-
-
 class Checkpointer:
     """Saves a stage's training state every ``save_every_steps`` steps, at epoch ends and on
     preemption, and restores it when ``resume`` is "auto" (the newest usable checkpoint, if
@@ -184,6 +174,7 @@ class Checkpointer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.preemption = PreemptionWatch()
         self.stopping = False
+        self.resumed: dict | None = None  # trainer_state of the checkpoint this run resumed from
 
     # ------------------------------------------------------------------ save
 
@@ -262,7 +253,7 @@ class Checkpointer:
         # Decided from the step counts, which every rank agrees on: asking DeepSpeed for a
         # missing moment fails on some ranks only under ZeRO-1/2, and the collectives diverge.
         steps = _adam_steps(self.engine)
-        _link_adam_state(self.engine)
+        compat.relink_optimizer_state(self.engine)
         out = {}
         for name, p in self.engine.module.named_parameters():
             if not p.requires_grad:
@@ -279,20 +270,32 @@ class Checkpointer:
         for old in [t for t in tags if t < newest][: max(0, len(tags) - self.keep)]:
             shutil.rmtree(self.root / old, ignore_errors=True)
 
-    def after_step(self, step: int, next_step: int, epoch_steps: int, progress, reader_state) -> None:
-        """Collective, after every training step: save when due or when a rank received a stop
-        signal, and then stop. ``progress()`` / ``reader_state()`` describe the run after this step.
-        At an epoch's last step nothing is saved: :meth:`epoch_end` follows."""
+    def before_epoch(self, epoch, progress) -> None:
+        """At the start of a plan entry (trainer.loop.Epoch): a run resumed in the middle of it
+        must find its reader where the checkpoint left it."""
+        saved = self.resumed
+        if saved is None or progress.next_step == 0 or progress.plan_index != saved["progress"]["plan_index"]:
+            return
+        if epoch.reader.resume_point(saved["reader"]) != (epoch.number, progress.next_step):
+            raise RuntimeError(f"checkpoint of step {saved['step']}: its reader state and progress disagree; "
+                               "resume from an earlier checkpoint (run.resume=<folder>)")
+
+    def after_step(self, step: int, epoch, progress) -> None:
+        """Collective, after every training step (the stage's `step`-th): save when due or when a
+        rank received a stop signal, and then stop. At an epoch's last step nothing is saved:
+        :meth:`epoch_end` follows."""
         self.stopping = self.stopping or self.preemption.requested()
-        if next_step >= epoch_steps:
+        if progress.next_step >= epoch.steps:
             return
         if self.stopping or self.due(step):
-            path = self.save(step, progress(), reader_state())
+            reader_state = epoch.reader.state(epoch.number, progress.next_step, epoch.num_workers)
+            path = self.save(step, progress.to_dict(), reader_state)
             if self.stopping:
                 raise Preempted(path)
 
-    def epoch_end(self, step: int, progress: dict) -> None:
-        path = self.save(step, progress, None)
+    def epoch_end(self, step: int, progress) -> None:
+        """Collective, after a plan entry and whatever follows it (validation): always saves."""
+        path = self.save(step, progress.to_dict(), None)
         if self.stopping:
             raise Preempted(path)
 
@@ -362,6 +365,7 @@ class Checkpointer:
         torch.set_rng_state(rng["torch"])
         self._apply_learning_rate(state["config"])
         log.info("resumed from %s (stage step %d), loaded in %.2f s", path, state["step"], time.perf_counter() - started)
+        self.resumed = state
         return state
 
     def _check_identity(self, path: Path, state: dict) -> None:
@@ -393,7 +397,7 @@ class Checkpointer:
         if "lr" not in self.config.get(self.stage, {}):  # a stage without an optimizer of its own
             return
         lr, before = self.config[self.stage]["lr"], saved_config.get(self.stage, {}).get("lr")
-        for group in _inner_optimizer(self.engine).param_groups:
+        for group in compat.inner_optimizer(self.engine).param_groups:
             group["lr"] = lr
         if before is not None and before != lr:
             log.warning("%s.lr is %g in this run and was %g when the checkpoint was saved: continuing with %g",
@@ -414,7 +418,7 @@ class Checkpointer:
             for name, p in params.items():
                 p.copy_(saved[f"param/{name}"].to(p.dtype))
         _create_adam_states(self.engine)
-        _link_adam_state(self.engine)
+        compat.relink_optimizer_state(self.engine)
         for name, p in params.items():
             safe_set_full_fp32_param(p, saved[f"param/{name}"])
             for moment in ("exp_avg", "exp_avg_sq"):
@@ -422,44 +426,16 @@ class Checkpointer:
         _set_adam_steps(self.engine, adam_steps)
 
 
-def _inner_optimizer(engine):
-    optimizer = engine.optimizer
-    return getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the client optimizer
-
-
 def _fp32_partitions(engine) -> list[tuple[str, torch.Tensor]]:
-    """(model name, fp32 tensor that Adam keeps state for) of this rank. ZeRO hands the client
-    optimizer its flat fp32 partitions only for the duration of a step, so they are taken
-    from the ZeRO optimizer."""
-    zero, inner = engine.optimizer, _inner_optimizer(engine)
-    if hasattr(zero, "fp32_partitioned_groups_flat"):  # stage 3: sub-groups of param groups
-        return [(inner.param_groups[zero.sub_group_to_group_id[i]]["model"], flat)
-                for i, flat in enumerate(zero.fp32_partitioned_groups_flat)]
-    if hasattr(zero, "single_partition_of_fp32_groups"):  # stages 1 and 2
-        return [(inner.param_groups[i]["model"], flat) for i, flat in enumerate(zero.single_partition_of_fp32_groups)]
-    return [(group["model"], p) for group in inner.param_groups for p in group["params"]]
-
-
-def _link_adam_state(engine) -> None:
-    """Point each weight's optimizer-state view at Adam's current state.
-
-    ZeRO-1/2 (and the bf16 optimizer) link these views once, right after the first param
-    group's first step. The two models step on alternate steps, so at that moment the other
-    group has no state yet and its views would stay empty for good; relinking (a private
-    DeepSpeed method) before every read or write keeps them current.
-    """
-    zero = engine.optimizer
-    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
-        zero._hp_optimizer_states_linked = False
-        zero._lazy_init_hp_params_optimizer_state()
+    """(model name, fp32 tensor that Adam keeps state for) of this rank."""
+    groups = compat.inner_optimizer(engine).param_groups
+    return [(groups[group]["model"], tensor) for group, tensor in compat.fp32_partitions(engine)]
 
 
 def _adam_steps(engine) -> dict[str, int]:
     """Adam's step count per model (all of a model's partitions share it), agreed by all ranks:
     under ZeRO-1/2 a rank may hold no partition of a model. Collective."""
-    from trainer.optim import MODELS
-
-    state = _inner_optimizer(engine).state
+    state = compat.inner_optimizer(engine).state
     local = dict.fromkeys(MODELS, 0)
     for model, tensor in _fp32_partitions(engine):
         local[model] = max(local[model], int(state[tensor]["step"]) if "step" in state.get(tensor, {}) else 0)
@@ -471,7 +447,7 @@ def _adam_steps(engine) -> dict[str, int]:
 def _create_adam_states(engine) -> None:
     """Adam creates its state on its first step; a resume on another world size fills it in
     before any step, so it is created here as that step would (zeros)."""
-    state = _inner_optimizer(engine).state
+    state = compat.inner_optimizer(engine).state
     for _, tensor in _fp32_partitions(engine):
         if not state.get(tensor):
             state[tensor] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(tensor),
@@ -479,6 +455,6 @@ def _create_adam_states(engine) -> None:
 
 
 def _set_adam_steps(engine, steps: dict[str, int]) -> None:
-    state = _inner_optimizer(engine).state
+    state = compat.inner_optimizer(engine).state
     for model, tensor in _fp32_partitions(engine):
         state[tensor]["step"] = torch.tensor(float(steps.get(model, 0)))

@@ -236,10 +236,11 @@ def _synthetic(args) -> None:
 
 
 def _baselines(args) -> None:
+    from data_shards.names import SPLITS
     from data_shards.reader import load_split
     from trainer.baselines import run_baselines
 
-    splits = [load_split(args.shards, s) for s in ("train", "val", "test")]
+    splits = [load_split(args.shards, s) for s in SPLITS]
     print(json.dumps(run_baselines(*splits), indent=2))
 
 

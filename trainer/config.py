@@ -12,6 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from model.loss_config import LossConfig
+
 
 @dataclass
 class ModelSection:
@@ -52,15 +54,6 @@ class DataSection:
     # false: one document per row, padded to the longest. Which documents form a step is unchanged.
     pack: bool = True
     pack_tokens: int = 1024  # most tokens in a packed row (or the longest document): sdpa/eager pay width^2 per row
-
-
-@dataclass
-class LossSection:
-    lambda_c: float = 1.0  # mutual-regularization strength (reference: 1, with SUM over tokens)
-    lambda_l: float = 0.0  # optional prior on collab rows (reference: 0)
-    # Positions per chunk of the vocabulary-head cross-entropy: never the full-vocabulary logits of
-    # the batch, nothing vocabulary-wide kept for backward. 0: the naive full logits (for comparison).
-    vocab_chunk: int = 1024
 
 
 @dataclass
@@ -123,7 +116,7 @@ class Config:
     model: ModelSection = field(default_factory=ModelSection)
     lora: LoraSection = field(default_factory=LoraSection)
     data: DataSection = field(default_factory=DataSection)
-    loss: LossSection = field(default_factory=LossSection)
+    loss: LossConfig = field(default_factory=LossConfig)  # the model's own loss settings (model/loss_config.py)
     pretrain: PretrainSection = field(default_factory=PretrainSection)
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)

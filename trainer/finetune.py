@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 from data_shards.reader import load_index, load_split
 from trainer.batching import Collator
-from trainer.checkpoint import Checkpointer, resume_position
+from trainer.checkpoint import Checkpointer
 from trainer.config import Config
-from trainer.engine import (build_engine, build_model, init_distributed, load_ds_config, report_resources,
-                            seed_everything, stream_readers, throughput_meter)
-from trainer.evaluate import rank_users
+from trainer.distributed import init_distributed, seed_everything
+from trainer.engine import build_engine, build_model, load_ds_config, throughput_meter
+from trainer.readers import stream_readers
+from trainer.resources import ResourceReport
+from trainer.ranking import rank_users
 from trainer.metrics import evaluate_topk
-from trainer.loop import TrainLog, train_epoch
+from trainer.loop import Epoch, Progress, TrainLog, train_epoch
 from trainer.model_state import load_model_state, save_model_state
 from trainer.optim import AlternatingAdamW, param_groups
 
@@ -32,7 +33,7 @@ log = logging.getLogger("cllm4rec")
 
 def main(cfg: Config) -> Path:
     # ----- setup -----
-    started = time.time()
+    resources = ResourceReport("finetune")
     rank, world = init_distributed(cfg.run.collective_timeout_s)
     seed_everything(cfg.run.seed)
     f = cfg.finetune
@@ -46,6 +47,7 @@ def main(cfg: Config) -> Path:
     load_model_state(model, Path(f.init_from or run_dir / "pretrain"))
     optimizer = AlternatingAdamW(param_groups(model, f.weight_decay), lr=f.lr, eps=f.adam_eps)
     engine = build_engine(model, ds_config, optimizer)
+    resources.setup_done()
     collator = Collator.from_config(tokenizer, cfg, holdout_fraction=f.holdout_fraction, rec_target=f.target)
     train, val_items = load_split(cfg.data.shards, "train"), load_split(cfg.data.shards, "val")
     if rank == 0:
@@ -53,56 +55,50 @@ def main(cfg: Config) -> Path:
     log.info("finetune on %d rank(s): %d users, %d epochs, target=%s", world, readers["rec"].num_docs, f.epochs,
              f.target)
 
-    phases = [(epoch, phase) for epoch in range(f.epochs) for phase in ("rec", "content")
-              if phase == "rec" or (f.content_epochs and cfg.model.content)]
+    # Each epoch: the rec stream trains the collaborative model; then (content_epochs) the
+    # content stream the content model, so that mutual regularization works both ways.
+    streams = ["rec", "content"] if f.content_epochs and cfg.model.content else ["rec"]
+    plan = [(epoch, stream) for epoch in range(f.epochs) for stream in streams]
     batchers = {"rec": collator.rec, "content": collator.content}
     checkpoints = Checkpointer(engine, out_dir, cfg.run.save_every_steps, cfg.run.keep_checkpoints, cfg.to_dict())
     resume_from = checkpoints.find(cfg.run.resume)
     state = checkpoints.load(resume_from) if resume_from else None
-    progress = state["progress"] if state else {"plan_index": 0, "next_step": 0, "loss_sum": 0.0,
-                                                "best": None, "history": []}
-
-    if state and progress["plan_index"] < len(phases):
-        epoch, phase = phases[progress["plan_index"]]
-        log.info("resuming at finetune %d %s step %d", epoch + 1, phase, progress["next_step"])
+    progress = Progress.from_dict(state["progress"]) if state else Progress()
+    if state and progress.plan_index < len(plan):
+        epoch_number, stream = plan[progress.plan_index]
+        log.info("resuming at finetune %d %s step %d", epoch_number + 1, stream, progress.next_step)
 
     # ----- train, selecting on validation -----
     train_log = TrainLog(out_dir, rank, cfg.run.log_every, cfg.data.log_documents, state["step"] if state else 0,
-                         throughput_meter(cfg, engine.module, ds_config))
-    best, history = progress["best"], progress["history"]
-    for number in range(progress["plan_index"], len(phases)):
-        epoch, phase = phases[number]
-        reader = readers[phase]
-        start_step, loss_sum = resume_position(state, number, reader, epoch)
+                         throughput_meter(cfg, engine.module, ds_config), engine.monitor)
+    for number in range(progress.plan_index, len(plan)):
+        epoch_number, stream = plan[number]
+        epoch = Epoch(readers[stream], batchers[stream], task=stream, model="collab" if stream == "rec" else "content",
+                      number=epoch_number, label=f"finetune {epoch_number + 1} {stream}",
+                      max_steps=f.max_steps_per_epoch, num_workers=cfg.data.num_workers)
+        train_epoch(engine, optimizer, epoch, train_log, progress, checkpoints)
 
-        def after_step(next_step: int, loss_sum: float, epoch_steps: int, number=number, epoch=epoch, reader=reader):
-            checkpoints.after_step(train_log.step, next_step, epoch_steps,
-                                   lambda: {"plan_index": number, "next_step": next_step, "loss_sum": loss_sum,
-                                            "best": best, "history": history},
-                                   lambda: reader.state(epoch, next_step, cfg.data.num_workers))
-
-        train_epoch(engine, optimizer, reader, batchers[phase], phase, "collab" if phase == "rec" else "content",
-                    epoch, f"finetune {epoch + 1} {phase}", train_log, f.max_steps_per_epoch, start_step, loss_sum,
-                    cfg.data.num_workers, after_step)
-        if number + 1 == len(phases) or phases[number + 1][0] != epoch:  # the epoch's last phase: validate
+        # ----- validate, after each epoch's last stream; save the best epoch so far -----
+        if stream == streams[-1]:
             val = evaluate_topk(rank_users(engine, collator, train, cfg.evaluate.batch_size,
-                                                item_block=cfg.evaluate.item_block), val_items)
-            history.append({"epoch": epoch, **val})
-            improved = best is None or val[f.select_metric] > best[f.select_metric]
-            log.info("finetune epoch %d: val %s%s", epoch, " ".join(f"{k}={v:.4f}" for k, v in val.items()
-                                                                    if k != "users"),
-                     "  (best so far)" if improved else "")
+                                           item_block=cfg.evaluate.item_block), val_items)
+            progress.history.append({"epoch": epoch_number, **val})
+            if rank == 0 and engine.monitor.enabled:
+                engine.monitor.write_events([(f"Val/{k}", v, epoch_number + 1) for k, v in val.items() if k != "users"])
+            improved = progress.best is None or val[f.select_metric] > progress.best[f.select_metric]
+            log.info("finetune epoch %d: val %s%s", epoch_number,
+                     " ".join(f"{k}={v:.4f}" for k, v in val.items() if k != "users"), "  (best so far)" if improved else "")
             if improved:
-                best = {"epoch": epoch, **val}
-                # ----- save (the best epoch so far) -----
+                progress.best = {"epoch": epoch_number, **val}
                 save_model_state(engine.module, out_dir, rank)
-        checkpoints.epoch_end(train_log.step, {"plan_index": number + 1, "next_step": 0, "loss_sum": 0.0,
-                                               "best": best, "history": history})
+        progress.finish_entry()
+        checkpoints.epoch_end(train_log.step, progress)
     train_log.close()
+    best = progress.best
     if rank == 0:
         (out_dir / "selection.json").write_text(json.dumps({"metric": f.select_metric, "best": best,
-                                                             "history": history}, indent=2))
+                                                             "history": progress.history}, indent=2))
     log.info("best epoch %d (val %s %.4f) saved to %s", best["epoch"], f.select_metric, best[f.select_metric],
              out_dir)
-    report_resources(out_dir, "finetune", started, {s: r.skipped for s, r in readers.items()})
+    resources.write(out_dir, {s: r.skipped for s, r in readers.items()})
     return out_dir

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from data_shards.build import sha256_of
+from trainer import compat
 
 log = logging.getLogger("cllm4rec")
 
@@ -72,7 +73,6 @@ def describe_gguf(path: Path) -> str:
     can read; otherwise an error naming the file and what to do (transformers' own errors name
     neither)."""
     from gguf import GGUFReader
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     if not path.is_file():
         raise BaseImportError(f"{path}: no such file")
@@ -92,8 +92,8 @@ def describe_gguf(path: Path) -> str:
     if end > size:
         raise BaseImportError(f"{path}: truncated: its tensors end at byte {end:,} but the file has {size:,}; "
                               "download it again")
-    if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
-        readable = ", ".join(sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - NOT_ARCHITECTURES))
+    if architecture not in compat.gguf_architectures():
+        readable = ", ".join(sorted(set(compat.gguf_architectures()) - NOT_ARCHITECTURES))
         raise BaseImportError(f"{path}: architecture {architecture!r} cannot be read by this transformers "
                               f"(it reads GGUF files of {readable}); convert the model another way, or upgrade "
                               "transformers if a newer one reads it")
@@ -128,9 +128,7 @@ def import_gguf(gguf_file, output, dtype: str = "float32", max_shard_size: str =
     log.info("importing %s (dequantizing every tensor to %s)", gguf_file, dtype)
     model, tokenizer = _read_gguf(gguf_file, DTYPES[dtype])
     # The weights are plain tensors now; only the loader's bookkeeping still calls them GGUF.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    compat.detach_gguf_quantizer(model)
     model.config.use_cache = True
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from trainer.engine import peak_rss_mb
+from model.lora import MODELS
+from trainer.resources import peak_rss_mb
 from trainer.optim import AlternatingAdamW
 
 
@@ -24,13 +27,15 @@ class TrainLog:
     `resume_step`: continuing from a checkpoint taken after that many steps; lines of later
     steps (written before the interruption) are dropped, so the files read as one clean run.
     `throughput` (trainer.throughput.Throughput): adds tokens_per_s, docs_per_s and mfu to
-    every step that reports its tokens.
+    every step that reports its tokens. `monitor` (the engine's DeepSpeed monitor: TensorBoard,
+    W&B, CSV, as the DeepSpeed config enables them) also gets each step's loss and rates.
     """
 
     def __init__(self, stage_dir: Path, rank: int, log_every: int, log_documents: bool = False,
-                 resume_step: int = 0, throughput=None):
+                 resume_step: int = 0, throughput=None, monitor=None):
         self.rank = rank
         self.throughput = throughput
+        self.monitor = monitor if monitor is not None and monitor.enabled and rank == 0 else None
         self.log_every = max(1, log_every)
         self.step = resume_step
         paths = ([Path(stage_dir) / "train_log.jsonl"] if rank == 0 else []) + \
@@ -53,6 +58,9 @@ class TrainLog:
             record.update(self.throughput.rates(record["task"], record["tokens"], record["docs"], record["step_s"]))
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        if self.monitor is not None:
+            self.monitor.write_events([(f"Train/{record['task']}/{key}", record[key], self.step)
+                                       for key in ("loss", "tokens_per_s", "docs_per_s") if key in record])
         if self.step % self.log_every == 0:
             line = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
             (bar.write if bar is not None else print)(line)
@@ -86,36 +94,82 @@ def _step_stats(out: dict, batch: dict) -> tuple[float, float, float, int, float
             tensor[5:].tolist())
 
 
-def train_epoch(engine, optimizer: AlternatingAdamW, reader, make_batch, task: str, model_name: str,
-                epoch: int, label: str, log: TrainLog, max_steps: int = 0, start_step: int = 0,
-                loss_sum: float = 0.0, num_workers: int = 0, after_step=None) -> float:
-    """Steps [start_step, end) of `reader`'s epoch; only `model_name`'s parameters are updated.
+@dataclass
+class Progress:
+    """Where a recipe stands in its plan. Saved in every checkpoint (trainer_state.json
+    "progress"), so that a resumed run continues at the same step with the same sums."""
 
-    Batches are built by `make_batch` in `num_workers` DataLoader workers. `after_step(next_step,
-    loss_sum, epoch_steps)` runs after every step (checkpoints). `loss_sum`: the summed losses of the steps
-    before `start_step` (when resuming). Returns the mean loss over the epoch (averaged over ranks).
+    plan_index: int = 0  # the plan entry being trained
+    next_step: int = 0  # its next step
+    loss_sum: float = 0.0  # the summed (rank-mean) losses of its steps so far
+    epochs_done: dict = field(default_factory=lambda: dict.fromkeys(MODELS, 0))  # pretrain: per model (= its stream)
+    best: dict | None = None  # finetune: the best validation result so far
+    history: list = field(default_factory=list)  # finetune: every epoch's validation result
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "Progress":
+        return cls(**saved)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def finish_entry(self) -> None:
+        self.plan_index, self.next_step, self.loss_sum = self.plan_index + 1, 0, 0.0
+
+
+@dataclass
+class Epoch:
+    """One entry of a recipe's plan: a pass over one stream that trains one model."""
+
+    reader: Any  # a data_shards.reader.ShardReader (steps_per_epoch, loader, state, resume_point)
+    make_batch: Callable  # documents -> batch: a trainer.batching.Collator method
+    task: str  # what the model computes: collab, content or rec
+    model: str  # whose parameters the step updates: collab or content
+    number: int = 0  # the reader's epoch (it seeds the shuffle)
+    label: str = ""  # its name on the progress bar and in train_log.jsonl
+    max_steps: int = 0  # 0: the whole epoch; > 0: at most this many steps
+    num_workers: int = 0  # DataLoader workers building the batches
+
+    @property
+    def steps(self) -> int:
+        return self.reader.steps_per_epoch if not self.max_steps else min(self.max_steps, self.reader.steps_per_epoch)
+
+
+def train_epoch(engine, optimizer: AlternatingAdamW, epoch: Epoch, log: TrainLog, progress: Progress | None = None,
+                checkpoints=None) -> float:
+    """The steps of `epoch` from `progress.next_step` on; only `epoch.model`'s parameters are
+    updated. Returns the mean loss over the epoch (averaged over ranks).
+
+    `progress` (default: a fresh one) is kept current after every step. `checkpoints` (a
+    trainer.checkpoint.Checkpointer, or anything with the same two methods) is called at the
+    epoch's start, `before_epoch(epoch, progress)`, and at every step boundary,
+    `after_step(step, epoch, progress)`: it saves when due and stops on preemption.
     """
+    progress = progress or Progress()
+    if checkpoints is not None:
+        checkpoints.before_epoch(epoch, progress)
     engine.train()
-    steps = reader.steps_per_epoch if not max_steps else min(max_steps, reader.steps_per_epoch)
-    bar = tqdm(total=steps, initial=start_step, desc=label, disable=log.rank != 0, leave=False, dynamic_ncols=True)
-    total = loss_sum
+    steps = epoch.steps
+    bar = tqdm(total=steps, initial=progress.next_step, desc=epoch.label, leave=False, dynamic_ncols=True,
+               disable=True if log.rank != 0 else None)  # None: draw only on a terminal, not into log files
     waited = time.perf_counter()
-    for step, docs, batch in reader.loader(epoch, start_step, steps, make_batch, num_workers):
+    for step, docs, batch in epoch.reader.loader(epoch.number, progress.next_step, steps, epoch.make_batch,
+                                                 epoch.num_workers):
         start = time.perf_counter()
-        optimizer.active_model = model_name
-        out = engine(task, batch)
+        optimizer.active_model = epoch.model
+        out = engine(epoch.task, batch)
         engine.backward(out["loss"])
         engine.step()
         loss, nll, reg, tokens, pad_frac, peak_rss = _step_stats(out, batch)
-        total += loss
+        progress.next_step, progress.loss_sum = step + 1, progress.loss_sum + loss
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
-        log.write({"stage": label, "task": task, "epoch": epoch, "loss": loss, "nll": nll, "reg": reg,
-                   "docs": len(docs) * dist.get_world_size(), "tokens": tokens, "pad_frac": round(pad_frac, 4),
-                   "data_s": round(start - waited, 4),
+        log.write({"stage": epoch.label, "task": epoch.task, "epoch": epoch.number, "loss": loss, "nll": nll,
+                   "reg": reg, "docs": len(docs) * dist.get_world_size(), "tokens": tokens,
+                   "pad_frac": round(pad_frac, 4), "data_s": round(start - waited, 4),
                    "step_s": round(time.perf_counter() - start, 4), "peak_rss_mb": peak_rss}, bar, docs)
-        if after_step is not None:
-            after_step(step + 1, total, steps)
+        if checkpoints is not None:
+            checkpoints.after_step(log.step, epoch, progress)
         waited = time.perf_counter()
     bar.close()
-    return total / max(1, steps)
+    return progress.loss_sum / max(1, steps)

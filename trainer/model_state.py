@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model.cllm4rec import CLLM4Rec
+from model.lora import MODELS
 
 TABLES = "id_tables.safetensors"
 
@@ -50,7 +51,7 @@ def save_model_state(model: CLLM4Rec, out_dir: Path, rank: int) -> None:
     save_file(tables, str(out_dir / TABLES))
     if model.lora:
         adapters = {n.removeprefix("backbone."): t for n, t in state.items() if n.startswith("backbone.")}
-        model.backbone.save_pretrained(str(out_dir / "adapters"), selected_adapters=["collab", "content"],
+        model.backbone.save_pretrained(str(out_dir / "adapters"), selected_adapters=list(MODELS),
                                        state_dict=adapters)
     meta = {"num_users": model.num_users, "num_items": model.num_items, "vocab_size": model.vocab_size,
             "hidden_size": tables["collab_user"].shape[1], "lora": model.lora}
@@ -75,7 +76,7 @@ def load_model_state(model: CLLM4Rec, state_dir: Path) -> None:
     if model.lora:
         from peft.utils import load_peft_weights
 
-        for adapter in ("collab", "content"):
+        for adapter in MODELS:
             weights = load_peft_weights(str(state_dir / "adapters" / adapter))
             values.update(_adapter_keys(model, weights, adapter))
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-MODELS = ("collab", "content")
+from model.lora import MODELS
+
 
 
 def model_of(param_name: str) -> str:

@@ -12,16 +12,17 @@
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 from data_shards.reader import load_index
 from trainer.batching import Collator
-from trainer.checkpoint import Checkpointer, resume_position
+from trainer.checkpoint import Checkpointer
 from trainer.config import Config
-from trainer.engine import (build_engine, build_model, init_distributed, load_ds_config, report_resources,
-                            seed_everything, stream_readers, throughput_meter)
-from trainer.loop import TrainLog, train_epoch
+from trainer.distributed import init_distributed, seed_everything
+from trainer.engine import build_engine, build_model, load_ds_config, throughput_meter
+from trainer.readers import stream_readers
+from trainer.resources import ResourceReport
+from trainer.loop import Epoch, Progress, TrainLog, train_epoch
 from trainer.model_state import save_model_state
 from trainer.optim import AlternatingAdamW, param_groups
 
@@ -36,7 +37,7 @@ def epoch_plan(content_warmup_epochs: int, rounds: int, content: bool = True) ->
 
 def main(cfg: Config) -> Path:
     # ----- setup -----
-    started = time.time()
+    resources = ResourceReport("pretrain")
     rank, world = init_distributed(cfg.run.collective_timeout_s)
     seed_everything(cfg.run.seed)
     out_dir = Path(cfg.run.dir) / "pretrain"
@@ -48,47 +49,37 @@ def main(cfg: Config) -> Path:
     model, tokenizer = build_model(cfg, ds_config, index["num_users"], index["num_items"])
     optimizer = AlternatingAdamW(param_groups(model, p.weight_decay), lr=p.lr, eps=p.adam_eps)
     engine = build_engine(model, ds_config, optimizer)
+    resources.setup_done()
     collator = Collator.from_config(tokenizer, cfg)
     batchers = {"collab": collator.collab, "content": collator.content}
     plan = epoch_plan(p.content_warmup_epochs, p.rounds, cfg.model.content)
     checkpoints = Checkpointer(engine, out_dir, cfg.run.save_every_steps, cfg.run.keep_checkpoints, cfg.to_dict())
     resume_from = checkpoints.find(cfg.run.resume)
     state = checkpoints.load(resume_from) if resume_from else None
-    # Where the plan stands: which epoch of the plan, the next step in it, finished epochs per kind.
-    progress = state["progress"] if state else {"plan_index": 0, "next_step": 0, "loss_sum": 0.0,
-                                                "epochs_done": {"collab": 0, "content": 0}}
+    progress = Progress.from_dict(state["progress"]) if state else Progress()
     if rank == 0:
         cfg.dump(out_dir / "config.json")
     log.info("pretrain on %d rank(s): %d collab docs, %d content docs; plan %s%s", world,
              readers["collab"].num_docs, readers["content"].num_docs, plan,
-             f"; resuming at epoch {progress['plan_index'] + 1} step {progress['next_step']}" if state else "")
+             f"; resuming at epoch {progress.plan_index + 1} step {progress.next_step}" if state else "")
 
     # ----- train -----
     train_log = TrainLog(out_dir, rank, cfg.run.log_every, cfg.data.log_documents, state["step"] if state else 0,
-                         throughput_meter(cfg, engine.module, ds_config))
-    epochs_done = dict(progress["epochs_done"])
-    for number in range(progress["plan_index"], len(plan)):
-        kind = plan[number]
-        epoch, reader = epochs_done[kind], readers[kind]
-        start_step, loss_sum = resume_position(state, number, reader, epoch)
-
-        def after_step(next_step: int, loss_sum: float, epoch_steps: int, number=number, epoch=epoch, reader=reader):
-            checkpoints.after_step(train_log.step, next_step, epoch_steps,
-                                   lambda: {"plan_index": number, "next_step": next_step, "loss_sum": loss_sum,
-                                            "epochs_done": epochs_done},
-                                   lambda: reader.state(epoch, next_step, cfg.data.num_workers))
-
-        mean = train_epoch(engine, optimizer, reader, batchers[kind], kind, kind, epoch,
-                           f"pretrain {number + 1} {kind}", train_log, p.max_steps_per_epoch, start_step, loss_sum,
-                           cfg.data.num_workers, after_step)
-        log.info("%s epoch %d: mean loss %.4f", kind, epoch, mean)
-        epochs_done[kind] += 1
-        checkpoints.epoch_end(train_log.step, {"plan_index": number + 1, "next_step": 0, "loss_sum": 0.0,
-                                               "epochs_done": epochs_done})
+                         throughput_meter(cfg, engine.module, ds_config), engine.monitor)
+    for number in range(progress.plan_index, len(plan)):
+        model = plan[number]  # each model trains on the stream of its name
+        epoch = Epoch(readers[model], batchers[model], task=model, model=model, number=progress.epochs_done[model],
+                      label=f"pretrain {number + 1} {model}", max_steps=p.max_steps_per_epoch,
+                      num_workers=cfg.data.num_workers)
+        mean = train_epoch(engine, optimizer, epoch, train_log, progress, checkpoints)
+        log.info("%s epoch %d: mean loss %.4f", model, epoch.number, mean)
+        progress.epochs_done[model] += 1
+        progress.finish_entry()
+        checkpoints.epoch_end(train_log.step, progress)
     train_log.close()
 
     # ----- save -----
     save_model_state(engine.module, out_dir, rank)
     log.info("saved ID tables%s to %s", " and adapters" if engine.module.lora else "", out_dir)
-    report_resources(out_dir, "pretrain", started, {s: r.skipped for s, r in readers.items()})
+    resources.write(out_dir, {s: r.skipped for s, r in readers.items()})
     return out_dir

@@ -13,7 +13,7 @@ A bundle holds what the trained model adds to its frozen base, in plain formats:
 
 It loads with transformers + peft alone (no DeepSpeed): ``AutoModelForCausalLM.from_pretrained
 (base)`` then ``PeftModel.from_pretrained(model, "bundle/adapters/collab")``; this module does
-that, plus the ID tables. Users are scored in the evaluate stage's blocks (evaluate.user_blocks),
+that, plus the ID tables. Users are scored in the evaluate stage's blocks (ranking.user_blocks),
 so `recommend` reproduces `recommendations.jsonl` exactly.
 """
 from __future__ import annotations
@@ -114,7 +114,7 @@ class Recommender:
 
     def for_users(self, users: list[int], k: int, batch_size: int | None = None) -> dict[int, list[int]]:
         """Top-k items of known users (train items excluded), scored in the evaluate stage's blocks."""
-        from trainer.evaluate import rank_block, user_blocks
+        from trainer.ranking import rank_block, user_blocks
 
         num_users = self.train.shape[0]
         bad = [u for u in users if not 0 <= u < num_users]

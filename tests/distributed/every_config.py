@@ -1,4 +1,4 @@
-"""Run by tests/test_real_base.py under `deepspeed --num_gpus 2`: BASE_DIR SHARDS OUT.
+"""Run by tests/trainer/test_real_base.py under `deepspeed --num_gpus 2`: BASE_DIR SHARDS OUT.
 
 Pretrain -> finetune -> evaluate under each DeepSpeed config that runs on a CPU, in one launch
 (each launch costs ~20 s of imports): evaluation, which has no optimizer, included.
@@ -7,7 +7,7 @@ import sys
 
 from trainer import evaluate, finetune, pretrain
 from trainer.config import load_config
-from trainer.engine import init_distributed
+from trainer.distributed import init_distributed
 
 CONFIGS = ("ds_zero2", "ds_zero3_lowmem", "ds_zero3_bf16")
 

@@ -1,4 +1,4 @@
-"""Run by tests/test_zero3.py under `deepspeed --num_gpus 2`.
+"""Run by tests/distributed/test_zero3.py under `deepspeed --num_gpus 2`.
 
 1. The base loaded partitioned under ZeRO-3 (each rank reading only its slices of the sharded
    safetensors files) gathers back to exactly the weights on disk, and each rank holds only
@@ -19,8 +19,9 @@ from tests.helpers import FixedReader, toy_engine
 from trainer.batching import Collator
 from trainer.checkpoint import Checkpointer
 from trainer.config import load_config
-from trainer.engine import build_model, init_distributed, load_ds_config
-from trainer.loop import TrainLog, train_epoch
+from trainer.distributed import init_distributed
+from trainer.engine import build_model, load_ds_config
+from trainer.loop import Epoch, TrainLog, train_epoch
 
 
 base_dir, shards, out = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
@@ -52,15 +53,15 @@ docs = {"content": [{"kind": "review", "user": rank, "item": 3, "text": "great s
 log = TrainLog(out, rank, log_every=1)
 losses = {}
 for task, make in (("content", col.content), ("collab", col.collab)):
-    losses[task] = train_epoch(engine, optimizer, FixedReader([docs[task]] * 3), make, task, task, 0, task, log)
+    losses[task] = train_epoch(engine, optimizer, Epoch(FixedReader([docs[task]] * 3), make, task, task, label=task), log)
 assert all(torch.isfinite(torch.tensor(v)) for v in losses.values()), losses
 dist.barrier()
 if rank == 0:
     print(f"QLORA ZERO-3 OK {losses}")
 
 engine, optimizer, tok = toy_engine(base_dir, shards, "run.deepspeed=configs/ds_zero2.json")
-train_epoch(engine, optimizer, FixedReader([docs["content"]]), Collator(tok, 0, 64, 50).content, "content",
-            "content", 0, "content", log)
+train_epoch(engine, optimizer, Epoch(FixedReader([docs["content"]]), Collator(tok, 0, 64, 50).content, "content",
+                                     "content", label="content"), log)
 saved = Checkpointer(engine, Path(out) / "zero2", 0, 2, {}).save(1, {}, None)
 if rank == 0:
     assert (saved / "trainable.safetensors").is_file()

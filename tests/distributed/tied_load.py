@@ -1,4 +1,4 @@
-"""Run by tests/test_real_base.py under `deepspeed --num_gpus 2`: BASE_DIR [BASE_DIR ...].
+"""Run by tests/trainer/test_real_base.py under `deepspeed --num_gpus 2`: BASE_DIR [BASE_DIR ...].
 
 Each base is loaded partitioned under ZeRO-3 (every rank reads only its slices of the
 safetensors files). Gathered back, every weight equals transformers' own load of the folder bit
@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trainer.backbone import load_backbone
-from trainer.engine import init_distributed
+from trainer.distributed import init_distributed
 
 TEXT = ("This shampoo leaves my hair soft and it smells great. The bottle lasts for months, and the price is "
         "fair for the quality. I would buy it again.")

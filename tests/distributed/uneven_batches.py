@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py under `deepspeed --num_gpus 2`: ranks get batches of
+"""Run by tests/distributed/test_distributed.py under `deepspeed --num_gpus 2`: ranks get batches of
 different shapes and contents (one rank only user-less item texts, the other long reviews)
 and must still make the same ZeRO-3 collectives, or this script hangs."""
 import sys
@@ -7,8 +7,8 @@ import torch.distributed as dist
 
 from tests.helpers import FixedReader, toy_engine
 from trainer.batching import Collator
-from trainer.engine import init_distributed
-from trainer.loop import TrainLog, train_epoch
+from trainer.distributed import init_distributed
+from trainer.loop import Epoch, TrainLog, train_epoch
 
 
 base_dir, shards, out = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
@@ -26,7 +26,7 @@ log = TrainLog(out, rank, log_every=1)
 for task, docs, make in (("content", content, col.content), ("collab", collab, col.collab),
                          ("rec", collab, col.rec)):
     owner = "content" if task == "content" else "collab"
-    train_epoch(engine, optimizer, FixedReader([docs, docs]), make, task, owner, 0, task, log)
+    train_epoch(engine, optimizer, Epoch(FixedReader([docs, docs]), make, task, owner, label=task), log)
 dist.barrier()
 if rank == 0:
     print("UNEVEN BATCHES OK")

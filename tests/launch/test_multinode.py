@@ -23,7 +23,7 @@ from data_shards.synthetic import write_synthetic_cllm4rec
 from tests.conftest import REPO
 from tests.helpers import apt_install, launcher_env, write_tiny_checkpoint
 from trainer.checkpoint import EXIT_PREEMPTED
-from trainer.engine import free_port
+from trainer.distributed import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -111,7 +111,7 @@ def _start(cluster, name, launcher, *extra):
                  f"run.deepspeed={REPO / 'configs' / 'ds_zero3.json'}",
                  "pretrain.rounds=1", "pretrain.collab_batch_size=4", "pretrain.content_batch_size=8",
                  "lora.dropout=0.0", "data.max_text_tokens=24", "run.log_every=1000",
-                 "pretrain.adam_eps=1e-5",  # see tests/test_zero3.py: float32 rounding of the ranks
+                 "pretrain.adam_eps=1e-5",  # see tests/distributed/test_zero3.py: float32 rounding of the ranks
                  *extra]
     log = open(cwd / "launch.log", "a")
     proc = subprocess.Popen(["bash", str(REPO / "launch" / "pretrain.sh"), str(REPO / "configs" / "quickstart.yaml"),

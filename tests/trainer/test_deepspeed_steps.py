@@ -13,8 +13,9 @@ from data_shards.synthetic import write_synthetic_cllm4rec
 from tests.helpers import write_tiny_checkpoint
 from trainer.batching import Collator
 from trainer.config import load_config
-from trainer.engine import build_engine, build_model, init_distributed, load_ds_config
-from trainer.loop import TrainLog, train_epoch
+from trainer.distributed import init_distributed
+from trainer.engine import build_engine, build_model, load_ds_config
+from trainer.loop import Epoch, TrainLog, train_epoch
 from trainer.optim import AlternatingAdamW, param_groups
 
 
@@ -54,7 +55,7 @@ def test_zero3_steps_move_only_the_active_model_and_never_the_base(tmp_path, lor
     for epoch, (task, owner, make) in enumerate(plan):
         before = _all_params(engine.module)
         stream = "rec" if task == "rec" else task
-        train_epoch(engine, optimizer, readers[stream], make, task, owner, epoch, task, log, max_steps=2)
+        train_epoch(engine, optimizer, Epoch(readers[stream], make, task, owner, epoch, task, max_steps=2), log)
         after = _all_params(engine.module)
         moved = {n for n in names if not torch.equal(before[n], after[n])}
         expected = collab if owner == "collab" else content

@@ -11,7 +11,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from tests.conftest import REPO
 from tests.helpers import launcher_env, tiny_tokenizer, write_tiny_checkpoint
 from trainer.backbone import load_backbone, write_tiny_llama
-from trainer.engine import free_port, init_distributed, load_ds_config
+from trainer.distributed import free_port, init_distributed
+from trainer.engine import load_ds_config
 
 
 def _tiny_qwen2(out):
@@ -77,7 +78,7 @@ def test_smollm2_loads_partitioned_and_its_loss_equals_transformers(smollm2_dir)
 
 @pytest.mark.slow
 def test_every_stage_runs_under_every_cpu_deepspeed_config(tmp_path):
-    """ds_zero3 runs every stage in tests/test_end_to_end.py; here ZeRO-2 (evaluation included,
+    """ds_zero3 runs every stage in tests/launch/test_end_to_end.py; here ZeRO-2 (evaluation included,
     which has no optimizer), the low-memory ZeRO-3 and ZeRO-3 in bf16, on a tied base; then
     export and recommend from each run."""
     from data_shards.build import main_build

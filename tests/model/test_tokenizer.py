@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from model.tokenizer import IDTokenizer
 from trainer.backbone import real_tokenizer, train_bpe_tokenizer
@@ -45,15 +44,11 @@ def test_out_of_range_id_is_an_error(trained):
         trained.encode("item_20")
 
 
-def test_bos_and_padding(trained):
+def test_bos(trained):
     tok = IDTokenizer(trained.base, 5, 20, add_bos=True)
-    batch = tok(["item_1", "user_0 has interacted with item_2"])
-    assert batch.input_ids[:, 0].tolist() == [tok.base.bos_token_id] * 2
-    assert batch.lengths.tolist() == batch.attention_mask.sum(1).tolist()
-    short = int(batch.lengths[0])
-    assert batch.attention_mask[0, short:].sum() == 0
-    assert torch.all(batch.input_ids[0, short:] == tok.pad_id)
-    assert tok.decode(batch.input_ids[1, : int(batch.lengths[1])].tolist()) == "user_0 has interacted with item_2"
+    encoded = tok.encode_many(["item_1", "user_0 has interacted with item_2"])
+    assert [ids[0] for ids in encoded] == [tok.base.bos_token_id] * 2
+    assert tok.decode(encoded[1]) == "user_0 has interacted with item_2"
 
 
 def test_padded_vocabulary_moves_the_id_range(trained):

@@ -7,7 +7,7 @@ from data_shards.build import main_build
 from data_shards.synthetic import write_synthetic_cllm4rec
 from tests.conftest import REPO
 from tests.helpers import launcher_env, write_tiny_checkpoint
-from trainer.engine import free_port
+from trainer.distributed import free_port
 
 pytestmark = pytest.mark.slow
 

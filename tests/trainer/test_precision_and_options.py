@@ -16,9 +16,10 @@ from tests.helpers import write_tiny_checkpoint
 from trainer.backbone import choose_attention
 from trainer.batching import Collator
 from trainer.config import load_config
-from trainer.engine import (MALLOC_ENVIRONMENT, build_engine, build_model, check_supported, init_distributed,
-                            load_ds_config)
-from trainer.loop import TrainLog, train_epoch
+from trainer.distributed import init_distributed
+from trainer.engine import build_engine, build_model, check_supported, load_ds_config
+from trainer.resources import MALLOC_ENVIRONMENT
+from trainer.loop import Epoch, TrainLog, train_epoch
 from trainer.optim import AlternatingAdamW, param_groups
 from trainer.throughput import Throughput, flops_per_token
 
@@ -46,7 +47,7 @@ def _train(tmp, run, overrides, steps=4, plan=("content", "collab")):
     log = TrainLog(tmp / run, rank=0, log_every=1000)
     for epoch, task in enumerate(plan):
         reader = ShardReader(tmp / "shards", task, 8, 0, 1, 0)
-        train_epoch(engine, optimizer, reader, getattr(col, task), task, task, epoch, task, log, max_steps=steps)
+        train_epoch(engine, optimizer, Epoch(reader, getattr(col, task), task, task, epoch, task, max_steps=steps), log)
     log.close()
     return [json.loads(line)["loss"] for line in (tmp / run / "train_log.jsonl").read_text().splitlines()]
 
@@ -125,8 +126,8 @@ def test_mfu_follows_the_stated_flop_convention():
 
 def test_host_allocator_follows_the_zero_stage_unless_the_environment_sets_it():
     # In a process of its own: the choice holds for the rest of the process.
-    code = ("from trainer.engine import tune_host_allocator as t; "
-            "print(t({'zero_optimization': {'stage': 3}})); print(t({'zero_optimization': {'stage': 2}}))")
+    code = ("from trainer.resources import tune_host_allocator as t; "
+            "print(t(zero3=True)); print(t(zero3=False))")
     env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENVIRONMENT}
     stage3, stage2 = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                                     check=True).stdout.splitlines()

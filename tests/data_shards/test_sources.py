@@ -6,6 +6,8 @@ from collections import Counter
 
 import numpy as np
 import pytest
+
+from tests.helpers import batches
 import scipy.sparse as sp
 
 from data_shards.build import build_shards
@@ -65,7 +67,7 @@ def test_mini_shards_index_counts(mini_dir, tmp_path):
     assert len(index["streams"]["content"]["shards"]) == 5
     assert sum(s["records"] for s in index["text_sources"]) == index["streams"]["content"]["num_docs"]
     assert (load_split(tmp_path / "mini_shards", "test") != ds.test).nnz == 0
-    collab = [d for b in ShardReader(tmp_path / "mini_shards", "collab", 88).epoch(0) for d in b]
+    collab = [d for b in batches(ShardReader(tmp_path / "mini_shards", "collab", 88), 0) for d in b]
     assert sum(len(d["items"]) for d in collab) == 3375
 
 

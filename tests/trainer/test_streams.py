@@ -11,7 +11,7 @@ import torch
 
 from tests.helpers import NUM_ITEMS, NUM_USERS, tiny_model
 from trainer.batching import Collator, pack_rows
-from trainer.evaluate import rank_block
+from trainer.ranking import rank_block
 from trainer.metrics import csr_rows, topk_excluding
 
 
@@ -136,7 +136,7 @@ def test_sdpa_varlen_equals_the_block_diagonal_mask_in_outputs_and_gradients():
     against transformers' sdpa and eager on the whole row with its mask; grouped-query heads."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from model.attention import document_layout
+    from model.attention import document_layout, register_sdpa_varlen
     from trainer.backbone import TINY_LLAMA
 
     torch.manual_seed(0)
@@ -154,6 +154,7 @@ def test_sdpa_varlen_equals_the_block_diagonal_mask_in_outputs_and_gradients():
     embeds = torch.randn(len(lengths), width, hf.config.hidden_size, requires_grad=True)
     weights = torch.randn(hf.config.hidden_size)
     results = {}
+    register_sdpa_varlen()
     for attention in ("sdpa", "eager", "sdpa_varlen"):
         hf.set_attn_implementation(attention)
         extra = {"documents": layout} if attention == "sdpa_varlen" else {}
@@ -273,8 +274,9 @@ def test_zero3_engine_chunked_loss_and_padded_fraction_in_the_log(tmp_path):
 
     from tests.helpers import write_tiny_checkpoint
     from trainer.config import load_config
-    from trainer.engine import build_engine, build_model, init_distributed, load_ds_config
-    from trainer.loop import TrainLog, train_epoch
+    from trainer.distributed import init_distributed
+    from trainer.engine import build_engine, build_model, load_ds_config
+    from trainer.loop import Epoch, TrainLog, train_epoch
     from trainer.optim import AlternatingAdamW, param_groups
 
     base = write_tiny_checkpoint(tmp_path / "tiny")
@@ -306,8 +308,8 @@ def test_zero3_engine_chunked_loss_and_padded_fraction_in_the_log(tmp_path):
             yield 0, docs, transform(docs, epoch)
 
     log = TrainLog(tmp_path, rank=0, log_every=1)
-    train_epoch(engine, optimizer, OneBatch(), Collator.from_config(tok, cfg).content, "content", "content",
-                0, "content", log)
+    train_epoch(engine, optimizer, Epoch(OneBatch(), Collator.from_config(tok, cfg).content, "content", "content",
+                                         label="content"), log)
     record = json.loads((tmp_path / "train_log.jsonl").read_text().splitlines()[-1])
     real = int((batch["doc_index"] >= 0).sum())
     assert record["tokens"] == real

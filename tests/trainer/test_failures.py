@@ -141,7 +141,7 @@ def test_a_full_disk_during_a_save_publishes_nothing_and_resume_works_after(tmp_
 
     from tests.helpers import toy_engine
     from trainer.checkpoint import Checkpointer, CheckpointSaveError, damage
-    from trainer.engine import init_distributed
+    from trainer.distributed import init_distributed
 
     init_distributed()
     disk = tmp_path / "disk"

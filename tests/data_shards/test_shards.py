@@ -4,6 +4,8 @@ from collections import Counter
 
 import numpy as np
 import pytest
+
+from tests.helpers import batches
 import scipy.sparse as sp
 
 from data_shards.build import build_shards, main_build
@@ -39,8 +41,8 @@ def _expected(dataset, stream):
 
 def _read_all(out, stream, batch, world, epoch=0, seed=0, window_shards=2):
     """Per rank: list of batches."""
-    return [list(ShardReader(out, stream, batch, rank=r, world_size=world, seed=seed,
-                             window_shards=window_shards).epoch(epoch)) for r in range(world)]
+    return [list(batches(ShardReader(out, stream, batch, rank=r, world_size=world, seed=seed,
+                             window_shards=window_shards), epoch)) for r in range(world)]
 
 
 def test_index_and_splits(built):
@@ -62,16 +64,16 @@ def test_index_and_splits(built):
             assert shard["path"] == f"{stream}/{stream}-{i:05d}.tar"
             assert (out / shard["path"]).stat().st_size == shard["bytes"]
             assert len(shard["sha256"]) == 64
-    ShardReader(out, "content", 4).verify()
+    assert not ShardReader(out, "content", 4).problems()
 
 
 @pytest.mark.parametrize("stream", STREAMS)
 def test_world1_reads_back_exactly_the_written_docs(built, stream):
     dataset, out, index = built
     reader = ShardReader(out, stream, batch_size=7, seed=3)
-    batches = list(reader.epoch(0))
-    docs = [d for b in batches for d in b]
-    assert len(batches) == reader.steps_per_epoch == -(-reader.num_docs // 7)
+    steps = batches(reader, 0)
+    docs = [d for b in steps for d in b]
+    assert len(steps) == reader.steps_per_epoch == -(-reader.num_docs // 7)
     assert Counter(map(_key, docs)) == Counter(map(_key, _expected(dataset, stream)))
     assert [d["pos"] for d in docs] == list(range(reader.num_docs))
 
@@ -133,7 +135,7 @@ def test_order_depends_on_seed_and_epoch_only(built):
 def test_window_of_one_shard_keeps_shards_together(built):
     _, out, index = built
     r = ShardReader(out, "collab", 1000, seed=4, window_shards=1)
-    users = [d["user"] for d in next(iter(r.epoch(3)))]
+    users = [d["user"] for d in next(iter(batches(r, 3)))]
     shards = index["streams"]["collab"]["shards"]
     flat = sorted(users)
     start = {i: sum(s["num_docs"] for s in shards[:i]) for i in range(len(shards))}
@@ -144,18 +146,18 @@ def test_window_of_one_shard_keeps_shards_together(built):
         assert sorted(users[at:at + n]) == flat[start[i]:start[i] + n]
         at += n
     assert users != flat
-    whole = [d["user"] for d in next(iter(ShardReader(out, "collab", 1000, seed=4, window_shards=99).epoch(3)))]
+    whole = [d["user"] for d in next(iter(batches(ShardReader(out, "collab", 1000, seed=4, window_shards=99), 3)))]
     assert sorted(whole) == flat and whole != users  # one window: a full permutation
 
 
 def test_start_step_skips_steps(built):
     _, out, _ = built
     r = ShardReader(out, "content", 6, rank=1, world_size=2, seed=2)
-    full = list(r.epoch(4))
-    assert list(r.epoch(4, start_step=5)) == full[5:]
-    assert list(r.epoch(4, start_step=r.steps_per_epoch)) == []
+    full = list(batches(r, 4))
+    assert list(batches(r, 4, start_step=5)) == full[5:]
+    assert list(batches(r, 4, start_step=r.steps_per_epoch)) == []
     with pytest.raises(ValueError):
-        r.epoch(4, start_step=r.steps_per_epoch + 1)
+        batches(r, 4, start_step=r.steps_per_epoch + 1)
 
 
 def test_overwrite_refusal_and_reproducible_bytes(built, tmp_path):

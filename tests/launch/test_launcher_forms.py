@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.helpers import launcher_env, toy_run_inputs
-from trainer.engine import free_port
+from trainer.distributed import free_port
 
 pytestmark = pytest.mark.slow
 
