@@ -227,13 +227,17 @@ def build_shards(dataset: RawDataset, out_dir, docs_per_shard: int = 2000, overw
     return index
 
 
-def main_build(input_dir, output_dir, text_dirs=(), docs_per_shard: int = 2000, overwrite: bool = False) -> dict:
-    """``load_cllm4rec(input_dir, text_dirs)`` then ``build_shards`` (what ``cllm4rec build-shards`` runs)."""
+def main_build(input_dir, output_dir, text_dirs=(), docs_per_shard: int = 2000, overwrite: bool = False,
+               original_id_text_dirs=()) -> dict:
+    """``load_cllm4rec(input_dir, text_dirs, original_id_text_dirs)`` then ``build_shards`` (what
+    ``cllm4rec build-shards`` runs)."""
     text_dirs = [Path(d) for d in text_dirs]
-    dataset = load_cllm4rec(input_dir, text_dirs)
+    original_id_text_dirs = [Path(d) for d in original_id_text_dirs]
+    dataset = load_cllm4rec(input_dir, text_dirs, original_id_text_dirs)
     source = {
         "format": "cllm4rec",
         "input_dir": str(Path(input_dir).resolve()),
         "text_dirs": [str(d.resolve()) for d in text_dirs],
+        "original_id_text_dirs": [str(d.resolve()) for d in original_id_text_dirs],
     }
     return build_shards(dataset, output_dir, docs_per_shard=docs_per_shard, overwrite=overwrite, source=source)

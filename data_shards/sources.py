@@ -93,11 +93,42 @@ def _load_pickle(path: Path):
                               "is this a CLLM4Rec-format file?") from e
 
 
+ID_MAP = "id_map.json"  # a subset's ids -> the full split's: row_to_original_user, col_to_original_item
+
+
+@dataclass
+class OriginalIds:
+    """A subset folder's id_map.json, inverted: the full split's id -> this folder's id."""
+
+    users: dict[int, int]
+    items: dict[int, int]
+
+
+def _load_id_map(folder: Path) -> dict | None:
+    path = folder / ID_MAP
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as f:
+        id_map = json.load(f)
+    missing = [k for k in ("num_users", "num_items", "row_to_original_user", "col_to_original_item") if k not in id_map]
+    if missing:
+        raise DataFormatError(f"{path}: missing {missing}; expected num_users, num_items, row_to_original_user and "
+                              "col_to_original_item")
+    if (len(id_map["row_to_original_user"]), len(id_map["col_to_original_item"])) != (id_map["num_users"],
+                                                                                      id_map["num_items"]):
+        raise DataFormatError(f"{path}: row_to_original_user / col_to_original_item do not have num_users / "
+                              "num_items entries")
+    return id_map
+
+
 def _load_meta(folder: Path) -> tuple[int, int]:
     path = folder / "meta.pkl"
     if not path.is_file():
+        id_map = _load_id_map(folder)
+        if id_map is not None:  # a subset folder: its sizes are in id_map.json
+            return int(id_map["num_users"]), int(id_map["num_items"])
         raise FileNotFoundError(f"{path} is missing: a CLLM4Rec folder needs meta.pkl "
-                                "with num_users and num_items")
+                                f"(or a subset's {ID_MAP}) with num_users and num_items")
     meta = _load_pickle(path)
     if not isinstance(meta, dict) or "num_users" not in meta or "num_items" not in meta:
         raise DataFormatError(f"{path}: expected a dict with keys 'num_users' and 'num_items', "
@@ -183,7 +214,9 @@ def _skip(reasons: dict[str, int], reason: str) -> None:
 
 
 def _read_prompt_text_file(path: Path, folder: Path, kind: str, num_users: int, num_items: int,
-                           train_pairs: set[int], out: _Collector) -> None:
+                           train_pairs: set[int], out: _Collector, original: OriginalIds | None = None) -> None:
+    """`original`: the file is keyed to the full split's ids, mapped to this folder's through it;
+    records of users or items outside the subset are skipped and counted."""
     data = _load_pickle(path)
     if not isinstance(data, (list, tuple)):
         raise DataFormatError(f"{path}: expected a list of [prompt, text] pairs, got {type(data).__name__}")
@@ -196,10 +229,17 @@ def _read_prompt_text_file(path: Path, folder: Path, kind: str, num_users: int, 
                                   "fix or remove the record")
         prompt, text = rec
         user = item = None
+        limits = (num_users, num_items) if original is None else (1 << 62, 1 << 62)
         if kind in ("review", "biography"):
-            user = _parse_id(_USER_RE, prompt, "user", num_users, path, k)
+            user = _parse_id(_USER_RE, prompt, "user", limits[0], path, k)
         if kind != "biography":
-            item = _parse_id(_ITEM_RE, prompt, "item", num_items, path, k)
+            item = _parse_id(_ITEM_RE, prompt, "item", limits[1], path, k)
+        if original is not None:
+            user = None if user is None else original.users.get(user, -1)
+            item = None if item is None else original.items.get(item, -1)
+            if user == -1 or item == -1:
+                _skip(reasons, "user or item not in this subset")
+                continue
         text = text.strip()
         if not text:
             _skip(reasons, "empty text")
@@ -274,26 +314,32 @@ def _read_tags(tdir: Path, folder: Path, num_items: int, out: _Collector) -> Non
                         "skip_reasons": reasons, "also_read": [_display(id_path, folder)]})
 
 
-def _read_text_dir(tdir: Path, num_users: int, num_items: int, train_pairs: set[int], out: _Collector) -> None:
+def _read_text_dir(tdir: Path, num_users: int, num_items: int, train_pairs: set[int], out: _Collector,
+                   original: OriginalIds | None = None) -> None:
     for kind in ITEM_TEXT_KINDS:
         p = tdir / "item_texts" / f"{kind}.pkl"
         if p.is_file():
-            _read_prompt_text_file(p, tdir, kind, num_users, num_items, train_pairs, out)
-    if (tdir / "id_to_tag.json").is_file() and (tdir / "tag_to_item.json").is_file():
+            _read_prompt_text_file(p, tdir, kind, num_users, num_items, train_pairs, out, original)
+    if original is None and (tdir / "id_to_tag.json").is_file() and (tdir / "tag_to_item.json").is_file():
         _read_tags(tdir, tdir, num_items, out)
     p = tdir / "user_texts" / "biography.pkl"
     if p.is_file():
-        _read_prompt_text_file(p, tdir, "biography", num_users, num_items, train_pairs, out)
+        _read_prompt_text_file(p, tdir, "biography", num_users, num_items, train_pairs, out, original)
     p = tdir / "user_item_texts" / "review.pkl"
     if p.is_file():
-        _read_prompt_text_file(p, tdir, "review", num_users, num_items, train_pairs, out)
+        _read_prompt_text_file(p, tdir, "review", num_users, num_items, train_pairs, out, original)
 
 
 # ----------------------------------------------------------------------------- public
 
 
-def load_cllm4rec(folder, text_dirs: Iterable = ()) -> RawDataset:
+def load_cllm4rec(folder, text_dirs: Iterable = (), original_id_text_dirs: Iterable = ()) -> RawDataset:
     """Load a CLLM4Rec-format folder (plus optional extra text folders keyed to the same ids).
+
+    A subset folder may carry id_map.json instead of meta.pkl (its sizes and, for each of its
+    users and items, the id in the full split it was cut from); ``original_id_text_dirs`` are
+    then text folders keyed to the full split's ids, re-keyed through that map (texts of users
+    and items outside the subset are skipped and counted; tags are not read from them).
 
     Texts are read from ``folder`` first, then from each of ``text_dirs`` in order; per folder
     in this order: item_texts (title, brand, categories, description), tags, user_texts
@@ -320,6 +366,18 @@ def load_cllm4rec(folder, text_dirs: Iterable = ()) -> RawDataset:
                                     f"item_texts/ and/or user_item_texts/ keyed to the ids of {folder})")
     for d in dirs:
         _read_text_dir(d, num_users, num_items, train_pairs, out)
+    original_dirs = [Path(d) for d in original_id_text_dirs]
+    if original_dirs:
+        id_map = _load_id_map(folder)
+        if id_map is None:
+            raise FileNotFoundError(f"{folder / ID_MAP} is missing: text folders keyed to the full split's ids "
+                                    f"({', '.join(map(str, original_dirs))}) need the subset's id map")
+        original = OriginalIds(users={int(o): k for k, o in enumerate(id_map["row_to_original_user"])},
+                               items={int(o): k for k, o in enumerate(id_map["col_to_original_item"])})
+        for d in original_dirs:
+            if not d.is_dir():
+                raise FileNotFoundError(f"text folder {d} does not exist")
+            _read_text_dir(d, num_users, num_items, train_pairs, out, original)
     log.info("%s: %d users, %d items, train/val/test %d/%d/%d, %d text records",
              folder.name, num_users, num_items, mats["train"].nnz, mats["val"].nnz, mats["test"].nnz,
              len(out.records))

@@ -397,8 +397,13 @@ class Checkpointer:
         if "lr" not in self.config.get(self.stage, {}):  # a stage without an optimizer of its own
             return
         lr, before = self.config[self.stage]["lr"], saved_config.get(self.stage, {}).get("lr")
-        for group in compat.inner_optimizer(self.engine).param_groups:
-            group["lr"] = lr
+        groups = compat.inner_optimizer(self.engine).param_groups
+        schedule = self.engine.lr_scheduler
+        if schedule is not None:  # the schedule scales this run's rate from where it stood
+            schedule.base_lrs = [lr] * len(groups)
+        factors = [1.0] * len(groups) if schedule is None else [f(schedule.last_epoch) for f in schedule.lr_lambdas]
+        for group, factor in zip(groups, factors):
+            group["lr"] = lr * factor
         if before is not None and before != lr:
             log.warning("%s.lr is %g in this run and was %g when the checkpoint was saved: continuing with %g",
                         self.stage, lr, before, lr)

@@ -72,7 +72,8 @@ def _close_process_group() -> None:
 def _build_shards(args) -> None:
     from data_shards.build import main_build
 
-    index = main_build(args.input, args.output, args.texts, args.docs_per_shard, args.overwrite)
+    index = main_build(args.input, args.output, args.texts, args.docs_per_shard, args.overwrite,
+                       args.texts_original_ids)
     counts = {name: s["num_docs"] for name, s in index["streams"].items()}
     print(f"wrote shards to {args.output}: {index['num_users']} users, {index['num_items']} items, documents {counts}")
 
@@ -252,6 +253,9 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build-shards", help="CLLM4Rec-format folder -> WebDataset shards + index.json")
     p.add_argument("--input", required=True, help="folder with meta.pkl and {train,val,test}_matrix.npz")
     p.add_argument("--texts", action="append", default=[], help="extra folder with item_texts/ and user_item_texts/")
+    p.add_argument("--texts-original-ids", action="append", default=[], metavar="DIR",
+                   help="a text folder keyed to the full split's ids, for an --input subset whose id_map.json maps "
+                   "its users and items to them")
     p.add_argument("--output", required=True)
     p.add_argument("--docs-per-shard", type=int, default=2000)
     p.add_argument("--overwrite", action="store_true")

@@ -14,6 +14,8 @@ import yaml
 
 from model.loss_config import LossConfig
 
+LR_SCHEDULES = ("constant", "cosine")
+
 
 @dataclass
 class ModelSection:
@@ -63,6 +65,10 @@ class PretrainSection:
     collab_batch_size: int = 16  # documents per rank per step
     content_batch_size: int = 8
     lr: float = 1e-3  # Adam learning rate (reference: 1e-3)
+    # Beyond the paper (off in paper mode): cosine decay of lr to 0 over the stage's steps, after
+    # warmup_steps of linear warmup from 0. constant: lr throughout (the paper's).
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
     weight_decay: float = 0.0
     adam_eps: float = 1e-8  # Adam epsilon: an update is lr * g / (|g| + eps) on a fresh state (see docs/testing.md)
     max_steps_per_epoch: int = 0  # 0 = whole epoch; >0 caps every epoch (smoke runs)
@@ -76,6 +82,8 @@ class FinetuneSection:
     content_batch_size: int = 8
     content_epochs: bool = True  # one content epoch after each rec epoch (mutual regularization both ways)
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # constant (the paper's) or cosine, as pretrain.lr_schedule
+    warmup_steps: int = 0
     weight_decay: float = 0.0
     adam_eps: float = 1e-8
     holdout_fraction: float = 0.2  # share of each user's train items masked out of the prompt
@@ -207,6 +215,12 @@ def _validate(cfg: Config) -> None:
                         ("finetune.epochs", cfg.finetune.epochs), ("evaluate.batch_size", cfg.evaluate.batch_size)):
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
+    for stage in ("pretrain", "finetune"):
+        section = getattr(cfg, stage)
+        if section.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"{stage}.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {section.lr_schedule!r}")
+        if section.warmup_steps < 0:
+            raise ValueError(f"{stage}.warmup_steps must be >= 0, got {section.warmup_steps}")
     if cfg.finetune.select_metric not in ("recall@20", "recall@40", "ndcg@100"):
         raise ValueError(f"finetune.select_metric must be recall@20, recall@40 or ndcg@100, "
                          f"got {cfg.finetune.select_metric!r}")

@@ -138,7 +138,7 @@ def throughput_meter(cfg: Config, model: CLLM4Rec, ds_config: dict):
                       torch.distributed.get_world_size(), peak, source)
 
 
-def build_engine(model: CLLM4Rec, ds_config: dict, optimizer=None):
+def build_engine(model: CLLM4Rec, ds_config: dict, optimizer=None, lr_scheduler=None):
     import deepspeed
 
     if optimizer is None and (stage := zero_stage(ds_config)) in (1, 2):
@@ -148,5 +148,6 @@ def build_engine(model: CLLM4Rec, ds_config: dict, optimizer=None):
         ds_config = {**ds_config, "zero_optimization": {"stage": 0}}
         log.info("no optimizer (evaluation): ZeRO stage %s has nothing to partition, the engine runs at stage 0",
                  stage)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                           config=ds_config)
     return engine

@@ -24,9 +24,9 @@ from trainer.readers import stream_readers
 from trainer.resources import ResourceReport
 from trainer.ranking import rank_users
 from trainer.metrics import evaluate_topk
-from trainer.loop import Epoch, Progress, TrainLog, train_epoch
+from trainer.loop import Epoch, Progress, TrainLog, epoch_steps, train_epoch
 from trainer.model_state import load_model_state, save_model_state
-from trainer.optim import AlternatingAdamW, param_groups
+from trainer.optim import AlternatingAdamW, lr_scheduler, param_groups
 
 log = logging.getLogger("cllm4rec")
 
@@ -45,8 +45,14 @@ def main(cfg: Config) -> Path:
     ds_config = load_ds_config(cfg.run.deepspeed, max(f.batch_size, f.content_batch_size))
     model, tokenizer = build_model(cfg, ds_config, index["num_users"], index["num_items"])
     load_model_state(model, Path(f.init_from or run_dir / "pretrain"))
+    # Each epoch: the rec stream trains the collaborative model; then (content_epochs) the
+    # content stream the content model, so that mutual regularization works both ways.
+    streams = ["rec", "content"] if f.content_epochs and cfg.model.content else ["rec"]
+    plan = [(epoch, stream) for epoch in range(f.epochs) for stream in streams]
     optimizer = AlternatingAdamW(param_groups(model, f.weight_decay), lr=f.lr, eps=f.adam_eps)
-    engine = build_engine(model, ds_config, optimizer)
+    total_steps = sum(epoch_steps(readers[stream], f.max_steps_per_epoch) for _, stream in plan)
+    engine = build_engine(model, ds_config, optimizer,
+                          lr_scheduler(optimizer, f.lr_schedule, f.warmup_steps, total_steps))
     resources.setup_done()
     collator = Collator.from_config(tokenizer, cfg, holdout_fraction=f.holdout_fraction, rec_target=f.target)
     train, val_items = load_split(cfg.data.shards, "train"), load_split(cfg.data.shards, "val")
@@ -55,10 +61,6 @@ def main(cfg: Config) -> Path:
     log.info("finetune on %d rank(s): %d users, %d epochs, target=%s", world, readers["rec"].num_docs, f.epochs,
              f.target)
 
-    # Each epoch: the rec stream trains the collaborative model; then (content_epochs) the
-    # content stream the content model, so that mutual regularization works both ways.
-    streams = ["rec", "content"] if f.content_epochs and cfg.model.content else ["rec"]
-    plan = [(epoch, stream) for epoch in range(f.epochs) for stream in streams]
     batchers = {"rec": collator.rec, "content": collator.content}
     checkpoints = Checkpointer(engine, out_dir, cfg.run.save_every_steps, cfg.run.keep_checkpoints, cfg.to_dict())
     resume_from = checkpoints.find(cfg.run.resume)

@@ -132,7 +132,12 @@ class Epoch:
 
     @property
     def steps(self) -> int:
-        return self.reader.steps_per_epoch if not self.max_steps else min(self.max_steps, self.reader.steps_per_epoch)
+        return epoch_steps(self.reader, self.max_steps)
+
+
+def epoch_steps(reader, max_steps: int = 0) -> int:
+    """Steps of one epoch of `reader`, at most `max_steps` (0: no cap)."""
+    return reader.steps_per_epoch if not max_steps else min(max_steps, reader.steps_per_epoch)
 
 
 def train_epoch(engine, optimizer: AlternatingAdamW, epoch: Epoch, log: TrainLog, progress: Progress | None = None,

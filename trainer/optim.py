@@ -8,6 +8,8 @@ model's groups only: the other model's weights and optimizer state stay exactly 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from model.lora import MODELS
@@ -29,6 +31,24 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
             groups[model_of(name)].append(param)
     return [{"params": params, "model": model, "weight_decay": weight_decay}
             for model, params in groups.items() if params]
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int, total_steps: int):
+    """The learning-rate schedule of a stage, stepped by the DeepSpeed engine after every optimizer
+    step (and saved in its checkpoints), or None for a constant rate without warmup (the paper's).
+    cosine: linear warmup from 0 over `warmup_steps`, then cosine decay to 0 at `total_steps`."""
+    if schedule == "constant" and warmup_steps == 0:
+        return None
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class AlternatingAdamW(torch.optim.AdamW):

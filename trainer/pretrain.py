@@ -22,9 +22,9 @@ from trainer.distributed import init_distributed, seed_everything
 from trainer.engine import build_engine, build_model, load_ds_config, throughput_meter
 from trainer.readers import stream_readers
 from trainer.resources import ResourceReport
-from trainer.loop import Epoch, Progress, TrainLog, train_epoch
+from trainer.loop import Epoch, Progress, TrainLog, epoch_steps, train_epoch
 from trainer.model_state import save_model_state
-from trainer.optim import AlternatingAdamW, param_groups
+from trainer.optim import AlternatingAdamW, lr_scheduler, param_groups
 
 log = logging.getLogger("cllm4rec")
 
@@ -47,12 +47,14 @@ def main(cfg: Config) -> Path:
     readers = stream_readers(cfg, {"collab": p.collab_batch_size, "content": p.content_batch_size})
     ds_config = load_ds_config(cfg.run.deepspeed, max(p.collab_batch_size, p.content_batch_size))
     model, tokenizer = build_model(cfg, ds_config, index["num_users"], index["num_items"])
+    plan = epoch_plan(p.content_warmup_epochs, p.rounds, cfg.model.content)
     optimizer = AlternatingAdamW(param_groups(model, p.weight_decay), lr=p.lr, eps=p.adam_eps)
-    engine = build_engine(model, ds_config, optimizer)
+    total_steps = sum(epoch_steps(readers[stream], p.max_steps_per_epoch) for stream in plan)
+    engine = build_engine(model, ds_config, optimizer,
+                          lr_scheduler(optimizer, p.lr_schedule, p.warmup_steps, total_steps))
     resources.setup_done()
     collator = Collator.from_config(tokenizer, cfg)
     batchers = {"collab": collator.collab, "content": collator.content}
-    plan = epoch_plan(p.content_warmup_epochs, p.rounds, cfg.model.content)
     checkpoints = Checkpointer(engine, out_dir, cfg.run.save_every_steps, cfg.run.keep_checkpoints, cfg.to_dict())
     resume_from = checkpoints.find(cfg.run.resume)
     state = checkpoints.load(resume_from) if resume_from else None

@@ -6,9 +6,9 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 from tests.helpers import batches
-import scipy.sparse as sp
 
 from data_shards.build import build_shards
 from data_shards.reader import ShardReader, load_split
@@ -148,3 +148,26 @@ def test_duplicates_across_text_dirs_kept_once(syn, tmp_path):
 def test_missing_text_dir(syn, tmp_path):
     with pytest.raises(FileNotFoundError, match="text folder"):
         load_cllm4rec(syn, text_dirs=[tmp_path / "absent"])
+
+
+def test_subset_with_id_map_reads_texts_keyed_to_the_full_split(derived_dir):
+    """derived/subset_651u_1000i_aligned has id_map.json instead of meta.pkl, and its texts are
+    those of derived/, keyed to the full split's ids."""
+    import json
+
+    subset = derived_dir / "subset_651u_1000i_aligned"
+    id_map = json.loads((subset / "id_map.json").read_text())
+    ds = load_cllm4rec(subset, original_id_text_dirs=[derived_dir])
+    assert (ds.num_users, ds.num_items) == (651, 1000) and ds.train.shape == (651, 1000)
+    titles = {rec.item: rec.text for rec in ds.texts if rec.kind == "title"}
+    with open(derived_dir / "item_texts" / "title.pkl", "rb") as f:
+        original = {int(prompt.split("item_")[1].split()[0].strip(".,:;")): text.strip() for prompt, text in pickle.load(f)}
+    assert len(titles) > 900
+    for item, text in titles.items():
+        assert text == original[id_map["col_to_original_item"][item]]
+    reviews = [rec for rec in ds.texts if rec.kind == "review"]
+    assert reviews and all(ds.train[rec.user, rec.item] for rec in reviews)
+    skipped = {s["kind"]: s["skip_reasons"] for s in ds.text_sources}
+    assert skipped["title"] == {"user or item not in this subset": 22}
+    with pytest.raises(FileNotFoundError, match="id_map.json is missing"):
+        load_cllm4rec(derived_dir.parent / "full", original_id_text_dirs=[derived_dir])
