@@ -4,6 +4,7 @@ default, every one trained on the same schedule over several seeds, beside popul
     python bench/ablation.py --split mini                         # the whole grid, seeds 0,1,2
     python bench/ablation.py --split mini --variants tiny-random,paper-mode --seeds 0
     python bench/ablation.py --split mini --report                # tables from the finished runs only
+    python bench/ablation.py --split subset651                    # the second, larger real split
 
 Every (variant, seed) runs pretrain -> finetune -> evaluate through launch/*.sh on 2 ranks in
 <out>/<variant>/seed-<s>. The grid is resumable: a finished run (result.json) is kept, a
@@ -31,9 +32,13 @@ sys.path.insert(0, str(REPO))
 BEAUTY = REPO.parent / "shared" / "data" / "amazon_beauty_cllm4rec"
 METRICS = ("recall@20", "recall@40", "ndcg@100")
 
-# split -> (the schedule every variant of it shares, CLLM4Rec-format data folder, text folders)
+# split -> (the schedule every variant of it shares, CLLM4Rec-format data folder, build-shards text options)
 SPLITS = {
     "mini": ("configs/smollm2_mini.yaml", BEAUTY / "mini", []),
+    # 651 users, 1,000 items: item texts for every item, reviews for 88 of the users, keyed to the
+    # full split's ids and re-keyed through the subset's id_map.json.
+    "subset651": ("configs/smollm2_mini.yaml", BEAUTY / "derived" / "subset_651u_1000i_aligned",
+                  ["--texts-original-ids", str(BEAUTY / "derived")]),
 }
 
 # variant -> (what it changes, base, config overrides); "default" is the reference row.
@@ -79,8 +84,7 @@ def prepare_shards(split: str) -> Path:
         raise SystemExit(f"bench/ablation.py: {data} not found (the shared data folder beside the repository)")
     shards = REPO / "runs" / f"shards-{split}"
     if not (shards / "index.json").is_file():
-        cli("build-shards", "--input", str(data), *[a for t in texts for a in ("--texts", str(t))], "--output",
-            str(shards), "--overwrite")
+        cli("build-shards", "--input", str(data), *texts, "--output", str(shards), "--overwrite")
     return shards
 
 
