@@ -5,6 +5,7 @@ default, every one trained on the same schedule over several seeds, beside popul
     python bench/ablation.py --split mini --variants tiny-random,paper-mode --seeds 0
     python bench/ablation.py --split mini --report                # tables from the finished runs only
     python bench/ablation.py --split subset651                    # the second, larger real split
+    NPROC=1 python bench/ablation.py --split full                 # on a GPU, bf16 (docs/benchmarks.md)
 
 Every (variant, seed) runs pretrain -> finetune -> evaluate through launch/*.sh on 2 ranks in
 <out>/<variant>/seed-<s>. The grid is resumable: a finished run (result.json) is kept, a
@@ -39,6 +40,8 @@ SPLITS = {
     # full split's ids and re-keyed through the subset's id_map.json.
     "subset651": ("configs/smollm2_mini.yaml", BEAUTY / "derived" / "subset_651u_1000i_aligned",
                   ["--texts-original-ids", str(BEAUTY / "derived")]),
+    # The paper's full split, for a GPU (bf16, one GPU per run; docs/benchmarks.md has the estimate).
+    "full": ("configs/smollm2_beauty_gpu.yaml", BEAUTY / "full", ["--texts", str(BEAUTY / "derived")]),
 }
 
 # variant -> (what it changes, base, config overrides); "default" is the reference row.

@@ -94,7 +94,7 @@ class VocabLoss(nn.Module):
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module,
                 chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
         params = list(head.parameters(recurse=False))  # reading the list does not gather them
-        if any(hasattr(p, "ds_id") for p in params):
+        if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3 partitioned (trainer/compat.py, is_partitioned)
             import deepspeed
 
             for p in params:

@@ -173,10 +173,10 @@ def load_partitioned(path: Path, weight_map: dict[str, Path], attention: str, dt
 
 def _fill_partition(param, stored, where: str) -> None:
     shape = tuple(stored.get_shape())
-    if shape != tuple(param.ds_shape):
-        raise ValueError(f"{where}: shape {shape} in the checkpoint, {tuple(param.ds_shape)} in the model config")
+    if shape != compat.full_shape(param):
+        raise ValueError(f"{where}: shape {shape} in the checkpoint, {compat.full_shape(param)} in the model config")
     partition, start, end = compat.partition_of(param)
-    numel = param.ds_numel
+    numel = compat.full_numel(param)
     if start >= end:
         return
     row = max(1, numel // shape[0]) if shape else 1

@@ -83,7 +83,7 @@ def run_identity(model, config: dict) -> dict:
         shards = hashlib.sha256(json.dumps({key: index[key] for key in ("streams", "splits", "tokenization")},
                                            sort_keys=True).encode()).hexdigest()[:16]
     return {"num_users": model.num_users, "num_items": model.num_items, "vocab_size": model.vocab_size,
-            "trainable": {n: list(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters()
+            "trainable": {n: list(compat.full_shape(p)) for n, p in model.named_parameters()
                           if p.requires_grad},
             "shards": shards}
 

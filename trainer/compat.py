@@ -24,6 +24,21 @@ def disable_shm_comm() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def is_partitioned(param) -> bool:
+    """Whether ZeRO-3 partitioned this parameter (it then carries ds_id, ds_shape, ds_numel;
+    model/cllm4rec.py makes the same check, since model/ does not import trainer/)."""
+    return hasattr(param, "ds_id")
+
+
+def full_shape(param) -> tuple[int, ...]:
+    """The parameter's whole shape, also when ZeRO-3 left only a partition in `param.data`."""
+    return tuple(param.ds_shape) if is_partitioned(param) else tuple(param.shape)
+
+
+def full_numel(param) -> int:
+    return param.ds_numel if is_partitioned(param) else param.numel()
+
+
 def partition_of(param) -> tuple[torch.Tensor, int, int]:
     """(this rank's flat partition, its first and its end element in the full flat weight) of a
     ZeRO-3 parameter: rank r holds elements [r*p, (r+1)*p) of the flat weight, p =

@@ -15,6 +15,7 @@ from model.cllm4rec import CLLM4Rec
 from model.lora import add_adapters
 from model.tokenizer import IDTokenizer
 from trainer import backbone as backbone_io
+from trainer import compat
 from trainer.config import Config
 from trainer.resources import tune_host_allocator
 
@@ -123,9 +124,9 @@ def build_model(cfg: Config, ds_config: dict, num_users: int, num_items: int) ->
     # them in a single dtype, and under bf16 the optimizer holds their fp32 master copies.
     # (Partitioned ones were created in that dtype already.)
     for param in model.parameters():
-        if param.requires_grad and not hasattr(param, "ds_id"):
+        if param.requires_grad and not compat.is_partitioned(param):
             param.data = param.data.to(dtype)
-    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    trainable = sum(compat.full_numel(p) for p in model.parameters() if p.requires_grad)
     log.info("model: %s; %d users, %d items; %s trainable parameters", mode, num_users, num_items, f"{trainable:,}")
     return model, tokenizer
 

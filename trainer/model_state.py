@@ -22,12 +22,13 @@ from safetensors.torch import load_file, save_file
 
 from model.cllm4rec import CLLM4Rec
 from model.lora import MODELS
+from trainer import compat
 
 TABLES = "id_tables.safetensors"
 
 
 def gathered_params(params: list, modifier_rank: int | None = None):
-    if any(hasattr(p, "ds_id") for p in params):
+    if any(compat.is_partitioned(p) for p in params):
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
