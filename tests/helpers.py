@@ -176,3 +176,24 @@ def apt_install(packages: list[str], programs: list[str]) -> None:
 def batches(reader, epoch: int, start_step: int = 0, stop_step: int | None = None) -> list[list[dict]]:
     """This rank's documents of each step of `epoch`, read in this process."""
     return [docs for _, docs, _ in reader.loader(epoch, start_step, stop_step)]
+
+
+def independent_metrics(recs: dict, heldout) -> dict:
+    """Recall@20/40 and NDCG@100 of ranked lists (user -> items) against a held-out CSR matrix,
+    computed here from the definitions, apart from trainer.metrics."""
+    import math
+
+    sums = {"recall@20": 0.0, "recall@40": 0.0, "ndcg@100": 0.0}
+    users = 0
+    for user in range(heldout.shape[0]):
+        relevant = set(heldout.indices[heldout.indptr[user]:heldout.indptr[user + 1]].tolist())
+        if not relevant:
+            continue
+        users += 1
+        ranked = recs[user]
+        for k in (20, 40):
+            sums[f"recall@{k}"] += len(relevant & set(ranked[:k])) / min(k, len(relevant))
+        dcg = sum(1 / math.log2(r + 2) for r, item in enumerate(ranked[:100]) if item in relevant)
+        idcg = sum(1 / math.log2(r + 2) for r in range(min(100, len(relevant))))
+        sums["ndcg@100"] += dcg / idcg
+    return {**{k: v / users for k, v in sums.items()}, "users": users}

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from tests.conftest import REPO
-from tests.helpers import launcher_env
+from tests.helpers import independent_metrics, launcher_env
 
 pytestmark = pytest.mark.slow
 
@@ -27,23 +27,6 @@ def _launch(stage: str, overrides: list[str], env: dict) -> str:
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"{stage} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout + done.stderr
-
-
-def _independent_metrics(recs: dict, heldout: sp.csr_matrix) -> dict:
-    sums = {"recall@20": 0.0, "recall@40": 0.0, "ndcg@100": 0.0}
-    users = 0
-    for user in range(heldout.shape[0]):
-        relevant = set(heldout.indices[heldout.indptr[user]:heldout.indptr[user + 1]].tolist())
-        if not relevant:
-            continue
-        users += 1
-        ranked = recs[user]
-        for k in (20, 40):
-            sums[f"recall@{k}"] += len(relevant & set(ranked[:k])) / min(k, len(relevant))
-        dcg = sum(1 / math.log2(r + 2) for r, item in enumerate(ranked[:100]) if item in relevant)
-        idcg = sum(1 / math.log2(r + 2) for r in range(min(100, len(relevant))))
-        sums["ndcg@100"] += dcg / idcg
-    return {**{k: v / users for k, v in sums.items()}, "users": users}
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +68,7 @@ def test_metrics_file_and_recommendations_agree_with_an_independent_computation(
         assert len(items) == 100 == len(set(items))
         assert not set(items) & set(train.indices[train.indptr[user]:train.indptr[user + 1]].tolist())
     for split in ("val", "test"):
-        expected = _independent_metrics(recs, sp.load_npz(mini_dir / f"{split}_matrix.npz").tocsr())
+        expected = independent_metrics(recs, sp.load_npz(mini_dir / f"{split}_matrix.npz").tocsr())
         assert metrics[split]["users"] == expected["users"]
         for key in ("recall@20", "recall@40", "ndcg@100"):
             assert abs(metrics[split][key] - expected[key]) < 1e-6

@@ -113,7 +113,7 @@ def test_smollm2_every_stage_on_two_ranks_then_export_and_recommend(smollm2_dir,
 
     import scipy.sparse as sp
 
-    from tests.test_end_to_end import _independent_metrics
+    from tests.helpers import independent_metrics
 
     env = launcher_env(NPROC="2")
     subprocess.run(["cllm4rec", "build-shards", "--input", str(mini_dir), "--output", str(tmp_path / "shards")],
@@ -131,7 +131,7 @@ def test_smollm2_every_stage_on_two_ranks_then_export_and_recommend(smollm2_dir,
     assert len(losses) == 3 and all(0 < loss < 1e4 for loss in losses)
     metrics = json.loads((run / "metrics.json").read_text())
     recs = {row["user"]: row["items"] for row in map(json.loads, (run / "recommendations.jsonl").read_text().splitlines())}
-    expected = _independent_metrics(recs, sp.load_npz(mini_dir / "test_matrix.npz").tocsr())
+    expected = independent_metrics(recs, sp.load_npz(mini_dir / "test_matrix.npz").tocsr())
     assert abs(metrics["test"]["recall@20"] - expected["recall@20"]) < 1e-6
     subprocess.run(["cllm4rec", "export", "--from", str(run / "finetune"), "--output", str(tmp_path / "bundle")],
                    check=True, env=env, capture_output=True, cwd=REPO)
