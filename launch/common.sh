@@ -97,9 +97,10 @@ run_rank() {
 # The options before CONFIG are the deepspeed runner's, and set the variables above.
 # Preemption: a SIGTERM or SIGUSR1 sent to this process group (what Slurm and `kill -TERM -PGID`
 # do), or to the ranks of any node, makes every rank finish the step, save a checkpoint and
-# stop with status 75; this script then says so and exits 75. The deepspeed runner starts with
-# both signals ignored so that it stays to report the outcome (it would otherwise die at once,
-# and the launcher die of SIGUSR1).
+# stop with status 75; this script then says so and exits 75. On one node, and with no_ssh or
+# openmpi, this script and the deepspeed runner ignore both signals so that they stay to report
+# the outcome (the runner would otherwise die at once, and the launcher die of SIGUSR1); pdsh:
+# see run_pdsh_job.
 launch() {
   local stage=$1
   shift
@@ -123,11 +124,14 @@ launch() {
   if [ ! -f "$config" ]; then echo "launch/$stage.sh: config file '$config' not found" >&2; exit 2; fi
   CLLM4REC_STATUS_FILE=$(mktemp)
   export CLLM4REC_STATUS_FILE
-  local status=0 signalled=0
-  trap 'signalled=1' TERM USR1
+  local status=0
   runner_args || exit 2
-  (trap '' TERM USR1; exec deepspeed "${RUNNER_ARGS[@]}" --module trainer.cli "$stage" --config "$config" "$@") || status=$?
-  if [ "$signalled" = 1 ] && [ -n "${HOSTFILE:-}" ] && [ "${LAUNCHER:-pdsh}" = pdsh ]; then wait_for_nodes; fi
+  if [ -n "${HOSTFILE:-}" ] && [ "${LAUNCHER:-pdsh}" = pdsh ]; then
+    run_pdsh_job "$stage" "$config" "$@" || status=$?
+  else
+    trap '' TERM USR1  # this script and the runner it starts stay to report the outcome
+    deepspeed "${RUNNER_ARGS[@]}" --module trainer.cli "$stage" --config "$config" "$@" || status=$?
+  fi
   if [ "$status" != 0 ] && { [ "$status" = "$EXIT_PREEMPTED" ] || grep -q preempted "$CLLM4REC_STATUS_FILE" || remote_status_says_preempted; }; then
     echo "launch/$stage.sh: preempted; a checkpoint was saved: rerun with --resume auto" >&2
     status=$EXIT_PREEMPTED
@@ -141,13 +145,32 @@ pdsh_hosts() {
   grep -E '^[^#[:space:]]+[[:space:]]+slots=[0-9]+' "$HOSTFILE" | head -n "$NNODES" | awk '{print $1}' | paste -sd, -
 }
 
-# A signalled deepspeed runner stops the ranks of every node through pdsh (their launcher gives
-# them SIGTERM: they save and stop) but exits without waiting for them. Wait until no launcher
-# of this job (its --master_port) is left on any node.
-wait_for_nodes() {
-  echo "launch: signalled; waiting for the ranks of every node to save and stop" >&2
-  PDSH_RCMD_TYPE=ssh timeout "${CLLM4REC_STOP_WAIT_S:-300}" pdsh -S -w "$(pdsh_hosts)" \
-    "while pgrep -f '[d]eepspeed.launcher.launch.*--master_port=$MASTER_PORT' >/dev/null; do sleep 1; done" || true
+# run_pdsh_job STAGE CONFIG [args]: the deepspeed runner over pdsh, in a session of its own.
+# Signalled, that runner stops the job with `pkill -f "python -u -m deepspeed.launcher.launch"`
+# on every node, which also ends every other DeepSpeed job started from the same python there.
+# So the signal goes to this script alone, which stops the launchers of this job only (the ones
+# with its --master_port); they give their ranks SIGTERM (save, stop; SIGKILL after 30 s) and the
+# runner returns once every node's ranks are done.
+run_pdsh_job() {
+  local stage=$1 config=$2
+  shift 2
+  trap 'stop_nodes' TERM USR1
+  setsid -w deepspeed "${RUNNER_ARGS[@]}" --module trainer.cli "$stage" --config "$config" "$@" &
+  local runner=$! code=0
+  while true; do
+    code=0
+    wait "$runner" || code=$?
+    if [ "$code" -le 128 ] || ! kill -0 "$runner" 2>/dev/null; then break; fi  # else a trap interrupted the wait
+  done
+  trap - TERM USR1
+  return "$code"
+}
+
+stop_nodes() {
+  echo "launch: signalled; stopping the ranks of every node of this job (they save a checkpoint first)" >&2
+  PDSH_RCMD_TYPE=ssh pdsh -S -w "$(pdsh_hosts)" \
+    "pkill -TERM -f '^[^ ]*python[^ ]* -u -m deepspeed[.]launcher[.]launch .*--master_port=$MASTER_PORT'" \
+    >/dev/null 2>&1 || true  # anchored: pdsh and ssh carry the same words in their command lines
 }
 
 # Rank 0 writes the status file on its own node, the first host; read it there when that is not

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -184,10 +185,16 @@ def _signal_when(proc, cwd, steps, target):
 
 @pytest.mark.parametrize("launcher,target", [("pdsh", "rank1"), ("pdsh", "group"), ("openmpi", "rank1")])
 def test_preemption_reaches_the_launch_script_from_any_node(runs, cluster, launcher, target):
+    # Another job's DeepSpeed launcher on the same machine, as DeepSpeed's own pdsh kill pattern
+    # ("<python> -u -m deepspeed.launcher.launch") would match it: it must live on.
+    bystander = subprocess.Popen(["bash", "-c", f'exec -a "{sys.executable} -u -m deepspeed.launcher.launch '
+                                  '--world_info=other" sleep 600'], start_new_session=True)
     proc, cwd = _start(cluster, f"{launcher}-{target}", launcher)
     _signal_when(proc, cwd, 10, target)
     started = time.time()
     output = _finish(proc, cwd, expect=EXIT_PREEMPTED)
+    assert bystander.poll() is None, "another DeepSpeed job on the node was killed with this one"
+    bystander.kill()
     assert time.time() - started < 60
     assert "preempted; a checkpoint was saved: rerun with --resume auto" in output
     checkpoints = cwd / "run" / "pretrain" / "checkpoints"
