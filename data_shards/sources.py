@@ -121,10 +121,9 @@ def _load_id_map(folder: Path) -> dict | None:
     return id_map
 
 
-def _load_meta(folder: Path) -> tuple[int, int]:
+def _load_meta(folder: Path, id_map: dict | None) -> tuple[int, int]:
     path = folder / "meta.pkl"
     if not path.is_file():
-        id_map = _load_id_map(folder)
         if id_map is not None:  # a subset folder: its sizes are in id_map.json
             return int(id_map["num_users"]), int(id_map["num_items"])
         raise FileNotFoundError(f"{path} is missing: a CLLM4Rec folder needs meta.pkl "
@@ -222,6 +221,7 @@ def _read_prompt_text_file(path: Path, folder: Path, kind: str, num_users: int, 
         raise DataFormatError(f"{path}: expected a list of [prompt, text] pairs, got {type(data).__name__}")
     added, reasons = 0, {}
     not_train_examples = []
+    limits = (num_users, num_items) if original is None else (1 << 62, 1 << 62)  # original ids: any
     for k, rec in enumerate(data):
         if not (isinstance(rec, (list, tuple)) and len(rec) == 2
                 and isinstance(rec[0], str) and isinstance(rec[1], str)):
@@ -229,7 +229,6 @@ def _read_prompt_text_file(path: Path, folder: Path, kind: str, num_users: int, 
                                   "fix or remove the record")
         prompt, text = rec
         user = item = None
-        limits = (num_users, num_items) if original is None else (1 << 62, 1 << 62)
         if kind in ("review", "biography"):
             user = _parse_id(_USER_RE, prompt, "user", limits[0], path, k)
         if kind != "biography":
@@ -352,7 +351,10 @@ def load_cllm4rec(folder, text_dirs: Iterable = (), original_id_text_dirs: Itera
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a directory (expected a CLLM4Rec-format folder with meta.pkl "
                                 "and {train,val,test}_matrix.npz)")
-    num_users, num_items = _load_meta(folder)
+    original_dirs = [Path(d) for d in original_id_text_dirs]
+    needs_map = original_dirs or not (folder / "meta.pkl").is_file()
+    id_map = _load_id_map(folder) if needs_map else None
+    num_users, num_items = _load_meta(folder, id_map)
     paths = {s: folder / f"{s}_matrix.npz" for s in SPLITS}
     mats = {s: _load_matrix(paths[s], (num_users, num_items), folder / "meta.pkl") for s in SPLITS}
     _check_disjoint(mats, paths)
@@ -366,9 +368,7 @@ def load_cllm4rec(folder, text_dirs: Iterable = (), original_id_text_dirs: Itera
                                     f"item_texts/ and/or user_item_texts/ keyed to the ids of {folder})")
     for d in dirs:
         _read_text_dir(d, num_users, num_items, train_pairs, out)
-    original_dirs = [Path(d) for d in original_id_text_dirs]
     if original_dirs:
-        id_map = _load_id_map(folder)
         if id_map is None:
             raise FileNotFoundError(f"{folder / ID_MAP} is missing: text folders keyed to the full split's ids "
                                     f"({', '.join(map(str, original_dirs))}) need the subset's id map")

@@ -32,6 +32,9 @@ export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore::FutureWarning}
 # Exit status of a run stopped by SIGTERM/SIGUSR1 after saving a checkpoint: rerun with --resume auto.
 EXIT_PREEMPTED=75
 
+# A host line of a DeepSpeed hostfile: "hostname slots=N".
+HOST_LINE='^[^#[:space:]]+[[:space:]]+slots=[0-9]+'
+
 # The deepspeed runner's arguments for this node: one node, or a hostfile-driven multi-node job.
 runner_args() {
   if [ -z "${HOSTFILE:-}" ]; then
@@ -41,7 +44,7 @@ runner_args() {
   fi
   if [ ! -f "$HOSTFILE" ]; then echo "HOSTFILE=$HOSTFILE: file not found" >&2; return 2; fi
   local hosts
-  hosts=$(grep -cE '^[^#[:space:]]+[[:space:]]+slots=[0-9]+' "$HOSTFILE" || true)
+  hosts=$(grep -cE "$HOST_LINE" "$HOSTFILE" || true)
   NNODES=${NNODES:-$hosts}
   if [ "$hosts" -lt "$NNODES" ]; then echo "HOSTFILE=$HOSTFILE lists $hosts host(s) ('hostname slots=N' lines), NNODES=$NNODES" >&2; return 2; fi
   if [ -z "${MASTER_ADDR:-}" ]; then echo "a multi-node launch needs MASTER_ADDR: the first node's address, reachable from every node" >&2; return 2; fi
@@ -126,7 +129,7 @@ launch() {
   export CLLM4REC_STATUS_FILE
   local status=0
   runner_args || exit 2
-  if [ -n "${HOSTFILE:-}" ] && [ "${LAUNCHER:-pdsh}" = pdsh ]; then
+  if over_pdsh; then
     run_pdsh_job "$stage" "$config" "$@" || status=$?
   else
     trap '' TERM USR1  # this script and the runner it starts stay to report the outcome
@@ -140,9 +143,11 @@ launch() {
   return "$status"
 }
 
+over_pdsh() { [ -n "${HOSTFILE:-}" ] && [ "${LAUNCHER:-pdsh}" = pdsh ]; }
+
 # The hosts of a pdsh launch, comma-separated: the first NNODES of HOSTFILE.
 pdsh_hosts() {
-  grep -E '^[^#[:space:]]+[[:space:]]+slots=[0-9]+' "$HOSTFILE" | head -n "$NNODES" | awk '{print $1}' | paste -sd, -
+  grep -E "$HOST_LINE" "$HOSTFILE" | head -n "$NNODES" | awk '{print $1}' | paste -sd, -
 }
 
 # run_pdsh_job STAGE CONFIG [args]: the deepspeed runner over pdsh, in a session of its own.
@@ -168,15 +173,17 @@ run_pdsh_job() {
 
 stop_nodes() {
   echo "launch: signalled; stopping the ranks of every node of this job (they save a checkpoint first)" >&2
+  # Anchored: pdsh and ssh carry the same words in their command lines. A node whose launcher has
+  # already ended is fine (`; true`); a node that cannot be reached is reported.
   PDSH_RCMD_TYPE=ssh pdsh -S -w "$(pdsh_hosts)" \
-    "pkill -TERM -f '^[^ ]*python[^ ]* -u -m deepspeed[.]launcher[.]launch .*--master_port=$MASTER_PORT'" \
-    >/dev/null 2>&1 || true  # anchored: pdsh and ssh carry the same words in their command lines
+    "pkill -TERM -f '^[^ ]*python[^ ]* -u -m deepspeed[.]launcher[.]launch .*--master_port=$MASTER_PORT'; true" \
+    >/dev/null || echo "launch: could not reach every node to stop it (see pdsh above); stop the ranks there with kill -TERM" >&2
 }
 
 # Rank 0 writes the status file on its own node, the first host; read it there when that is not
 # this machine.
 remote_status_says_preempted() {
-  [ -n "${HOSTFILE:-}" ] && [ "${LAUNCHER:-pdsh}" = pdsh ] || return 1
+  over_pdsh || return 1
   local first
   first=$(pdsh_hosts | cut -d, -f1)
   PDSH_RCMD_TYPE=ssh pdsh -N -w "$first" "cat '$CLLM4REC_STATUS_FILE' 2>/dev/null; rm -f '$CLLM4REC_STATUS_FILE'" 2>/dev/null | grep -q preempted

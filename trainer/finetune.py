@@ -85,8 +85,7 @@ def main(cfg: Config) -> Path:
             val = evaluate_topk(rank_users(engine, collator, train, cfg.evaluate.batch_size,
                                            item_block=cfg.evaluate.item_block), val_items)
             progress.history.append({"epoch": epoch_number, **val})
-            if rank == 0 and engine.monitor.enabled:
-                engine.monitor.write_events([(f"Val/{k}", v, epoch_number + 1) for k, v in val.items() if k != "users"])
+            train_log.events([(f"Val/{k}", v, epoch_number + 1) for k, v in val.items() if k != "users"])
             improved = progress.best is None or val[f.select_metric] > progress.best[f.select_metric]
             log.info("finetune epoch %d: val %s%s", epoch_number,
                      " ".join(f"{k}={v:.4f}" for k, v in val.items() if k != "users"), "  (best so far)" if improved else "")

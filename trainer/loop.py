@@ -58,12 +58,16 @@ class TrainLog:
             record.update(self.throughput.rates(record["task"], record["tokens"], record["docs"], record["step_s"]))
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.monitor is not None:
-            self.monitor.write_events([(f"Train/{record['task']}/{key}", record[key], self.step)
-                                       for key in ("loss", "tokens_per_s", "docs_per_s") if key in record])
+        self.events([(f"Train/{record['task']}/{key}", record[key], self.step)
+                     for key in ("loss", "tokens_per_s", "docs_per_s") if key in record])
         if self.step % self.log_every == 0:
             line = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
             (bar.write if bar is not None else print)(line)
+
+    def events(self, events: list[tuple[str, float, int]]) -> None:
+        """(name, value, x) to the DeepSpeed monitor, if the config enables one (rank 0)."""
+        if self.monitor is not None:
+            self.monitor.write_events(events)
 
     def close(self) -> None:
         for f in (self.file, self.documents):
