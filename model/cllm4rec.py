@@ -33,6 +33,7 @@ from torch import nn
 from model.attention import SDPA_VARLEN, document_layout
 from model.loss_config import LossConfig
 from model.lora import MODELS, activate_adapter
+from model.sharded_tables import ShardedIDTable, blocked_top, init_rows, pad_ids
 
 TASKS = ("collab", "content", "rec", "score", "topk")
 
@@ -102,14 +103,6 @@ class VocabLoss(nn.Module):
         return chunked_vocab_cross_entropy(hidden.detach(), head.weight, getattr(head, "bias", None), targets, chunk)
 
 
-def _ordered_top(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k best (score, id) pairs of each row, by score descending, ties to the lower id."""
-    by_id = torch.sort(ids, dim=1, stable=True).indices
-    scores, ids = scores.gather(1, by_id), ids.gather(1, by_id)
-    by_score = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
-    return scores.gather(1, by_score), ids.gather(1, by_score)
-
-
 def blocked_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, exclude_rows: torch.Tensor,
                  exclude_cols: torch.Tensor, block: int) -> torch.Tensor:
     """Top-k item ids of each row of `hidden` scored against `weight` (items x dim), the
@@ -119,41 +112,32 @@ def blocked_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, exclude_row
     The result equals ranking the full score matrix by score descending, ties to the lower id
     (trainer.metrics.topk_excluding); past the last item rows are padded with -1.
     """
-    rows = hidden.shape[0]
-    block = block if block > 0 else max(1, weight.shape[0])
-    best_scores = torch.empty((rows, 0), dtype=torch.float32, device=hidden.device)
-    best_ids = torch.empty((rows, 0), dtype=torch.long, device=hidden.device)
-    for start in range(0, weight.shape[0], block):
-        scores = (hidden @ weight[start:start + block].t()).float()
-        inside = (exclude_cols >= start) & (exclude_cols < start + scores.shape[1])
-        scores[exclude_rows[inside], exclude_cols[inside] - start] = float("-inf")
-        keep = min(k, scores.shape[1])
-        # Every column scoring at least the keep-th best, so that ties are decided by id below.
-        kth = torch.topk(scores, keep, dim=1).values[:, -1:]
-        wide = int((scores >= kth).sum(dim=1).max())
-        cand = torch.topk(scores, wide, dim=1).indices
-        best_scores, best_ids = _ordered_top(torch.cat([best_scores, scores.gather(1, cand)], dim=1),
-                                             torch.cat([best_ids, cand + start], dim=1), k)
-    if best_ids.shape[1] < k:
-        best_ids = torch.cat([best_ids, best_ids.new_full((rows, k - best_ids.shape[1]), -1)], dim=1)
-    return best_ids
+    return pad_ids(blocked_top(hidden, weight, k, exclude_rows, exclude_cols, block)[1], k)
 
 
 class IDTable(nn.Module):
-    """Embedding rows for users or items; also scores hidden states against all rows (tied head)."""
+    """Embedding rows for users or items; also scores hidden states against all rows (tied head).
+    One parameter: under ZeRO-3 it is partitioned and gathered whole for every call. Its rows
+    are drawn as model.sharded_tables draws them, so both kinds of table start from the same values."""
 
-    def __init__(self, num_rows: int, dim: int, init_std: float = 0.02):
+    def __init__(self, name: str, num_rows: int, dim: int, init_std: float = 0.02, seed: int = 0):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(num_rows, dim) * init_std)
+        self.weight = nn.Parameter(init_rows(name, num_rows, dim, 0, num_rows, init_std, seed))
 
     def forward(self, ids: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
-                top_k: dict | None = None) -> torch.Tensor:
+                top_k: dict | None = None, targets: dict | None = None) -> torch.Tensor:
         """Rows of `ids`; or scores of `hidden` against every row; or, with `top_k` (k, block,
-        exclude_rows, exclude_cols: see blocked_topk), the best rows' ids without the full scores.
-        One call either way, so under ZeRO-3 one gather of the table."""
+        exclude_rows, exclude_cols: see blocked_topk), the best rows' ids without the full scores;
+        or, with `targets` (queries, items, weights), each hidden row's loss
+        -sum_t weight_t * log_softmax(scores)[item_t] over its targets. One call each, so under
+        ZeRO-3 one gather of the table."""
         if hidden is not None and top_k is not None:
             return blocked_topk(hidden, self.weight, top_k["k"], top_k["exclude_rows"], top_k["exclude_cols"],
                                 top_k["block"])
+        if hidden is not None and targets is not None:
+            log_probs = F.log_softmax((hidden @ self.weight.t()).float(), dim=-1)
+            picked = log_probs[targets["queries"], targets["items"]] * targets["weights"]
+            return -torch.zeros(hidden.shape[0], device=hidden.device).index_add(0, targets["queries"], picked)
         if hidden is not None:
             return hidden @ self.weight.t()
         return F.embedding(ids, self.weight)
@@ -161,7 +145,8 @@ class IDTable(nn.Module):
 
 class CLLM4Rec(nn.Module):
     def __init__(self, backbone: nn.Module, vocab_size: int, num_users: int, num_items: int,
-                 loss: LossConfig | None = None, init_std: float = 0.02, attention: str = ""):
+                 loss: LossConfig | None = None, init_std: float = 0.02, attention: str = "", seed: int = 0,
+                 sharded_tables: bool = False, table_group=None):
         super().__init__()
         self.backbone = backbone
         self.attention = attention  # the base's attention implementation: how packed documents reach it
@@ -169,9 +154,14 @@ class CLLM4Rec(nn.Module):
         self.num_users = num_users
         self.num_items = num_items
         self.loss_cfg = loss or LossConfig()
-        dim = self._hf().config.hidden_size
+        dim = self.hidden_size = self._hf().config.hidden_size
+        # sharded_tables: each rank owns a range of every table's rows (model/sharded_tables.py),
+        # outside DeepSpeed, over the ranks of `table_group`; else one parameter per table.
+        self.sharded_tables = sharded_tables
+        table = (lambda name, rows: ShardedIDTable(name, rows, dim, init_std, seed, table_group)) if sharded_tables \
+            else (lambda name, rows: IDTable(name, rows, dim, init_std, seed))
         self.tables = nn.ModuleDict({
-            f"{model}_{kind}": IDTable(num_users if kind == "user" else num_items, dim, init_std)
+            f"{model}_{kind}": table(f"{model}_{kind}", num_users if kind == "user" else num_items)
             for model in MODELS for kind in ("user", "item")
         })
         self.vocab_loss = VocabLoss()  # no parameters of its own
@@ -191,14 +181,14 @@ class CLLM4Rec(nn.Module):
             activate_adapter(self.backbone, model)
 
     def embed(self, ids: torch.Tensor, model: str) -> torch.Tensor:
-        """Input embeddings: frozen vocabulary rows for text, `model`'s ID tables for IDs."""
-        n, i, j = self.vocab_size, self.num_users, self.num_items
+        """Input embeddings: frozen vocabulary rows for text, `model`'s ID tables for IDs. Only the
+        positions that hold an ID are looked up (every rank calls both tables, even with none)."""
+        n, i = self.vocab_size, self.num_users
         vocab = self._hf().get_input_embeddings()(ids.clamp(max=n - 1))
-        users = self.tables[f"{model}_user"]((ids - n).clamp(0, i - 1)).to(vocab.dtype)
-        items = self.tables[f"{model}_item"]((ids - n - i).clamp(0, j - 1)).to(vocab.dtype)
-        is_user = ((ids >= n) & (ids < n + i)).unsqueeze(-1)
-        is_item = (ids >= n + i).unsqueeze(-1)
-        return torch.where(is_item, items, torch.where(is_user, users, vocab))
+        is_user, is_item = (ids >= n) & (ids < n + i), ids >= n + i
+        users = self.tables[f"{model}_user"](ids[is_user] - n).to(vocab.dtype)
+        items = self.tables[f"{model}_item"](ids[is_item] - n - i).to(vocab.dtype)
+        return vocab.index_put((is_user,), users).index_put((is_item,), items)
 
     def hidden_states(self, batch: dict, model: str) -> torch.Tensor:
         """Last hidden states, (rows, width, dim). A packed batch has no attention_mask: its
@@ -250,8 +240,10 @@ class CLLM4Rec(nn.Module):
         """Item-head LM loss per document: every main-text token is an item, scored against the
         J items only."""
         keep = batch["targets"] >= 0
-        logits = self.tables["collab_item"](hidden=hidden[keep]).float()
-        losses = F.cross_entropy(logits, batch["targets"][keep], reduction="none")
+        kept = hidden[keep]
+        rows = torch.arange(kept.shape[0], device=kept.device)
+        losses = self.tables["collab_item"](hidden=kept, targets={
+            "queries": rows, "items": batch["targets"][keep], "weights": torch.ones(len(rows), device=kept.device)})
         return self._per_document(losses, batch["doc_index"][keep], docs)
 
     def content_nll(self, hidden: torch.Tensor, batch: dict, docs: int) -> torch.Tensor:
@@ -285,6 +277,13 @@ class CLLM4Rec(nn.Module):
         matrix product for the whole batch."""
         return self.tables["collab_item"](hidden=self.last_prompt_hidden(batch, "collab")).float()
 
+    def rec_nll(self, batch: dict) -> torch.Tensor:
+        """Rec head loss per document: -sum over its target items of log_softmax(scores) (the
+        multi-hot target of (target_docs, target_items) pairs, weight 1 each)."""
+        items = batch["target_items"]
+        return self.tables["collab_item"](hidden=self.last_prompt_hidden(batch, "collab"), targets={
+            "queries": batch["target_docs"], "items": items, "weights": torch.ones(len(items), device=items.device)})
+
     def top_items(self, batch: dict) -> torch.Tensor:
         """The rec head's top `k` items per document, the (exclude_rows, exclude_cols) pairs left
         out, scored `item_block` items at a time (blocked_topk)."""
@@ -310,8 +309,7 @@ class CLLM4Rec(nn.Module):
             doc_nll = self.content_nll(self.hidden_states(batch, "content"), batch, docs)
             reg = self.mutual_regularization(batch, "content")
         else:
-            logits = self.item_scores(batch)
-            doc_nll = -(batch["rec_targets"] * F.log_softmax(logits, dim=-1)).sum(dim=-1)
+            doc_nll = self.rec_nll(batch)
             reg = self.mutual_regularization(batch, "collab")
         nll = doc_nll.sum()
         return {"loss": (nll + reg) / docs, "nll": nll.detach() / docs, "reg": reg.detach() / docs,

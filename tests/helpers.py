@@ -86,16 +86,20 @@ class FixedReader:
 
 def toy_engine(base_dir, shards, *overrides: str):
     """(engine, optimizer, ID tokenizer) of CLLM4Rec on a tiny base for 40 users and 30 items:
-    the quick-start config with `overrides`, 4 documents per rank."""
+    the quick-start config with `overrides`, 4 documents per rank, lr 0.01. The optimizer is the
+    engine's AlternatingAdamW, or with model.id_tables=sharded the stage's trainer.optim.Optimizers."""
+    import dataclasses
+
     from trainer.config import load_config
     from trainer.engine import build_engine, build_model, load_ds_config
-    from trainer.optim import AlternatingAdamW, param_groups
+    from trainer.optim import Optimizers
 
     cfg = load_config("configs/quickstart.yaml", [f"model.base_dir={base_dir}", f"data.shards={shards}", *overrides])
     ds_config = load_ds_config(cfg.run.deepspeed, 4)
     model, tok = build_model(cfg, ds_config, 40, 30)
-    optimizer = AlternatingAdamW(param_groups(model, 0.0), lr=0.01)
-    return build_engine(model, ds_config, optimizer), optimizer, tok
+    optimizers, _ = Optimizers.build(model, dataclasses.replace(cfg.pretrain, lr=0.01), total_steps=1)
+    engine = build_engine(model, ds_config, optimizers.module)
+    return engine, optimizers if optimizers.shards is not None else optimizers.module, tok
 
 
 def write_tiny_gguf(path: Path, architecture: str = "llama") -> Path:

@@ -160,7 +160,7 @@ class Collator:
     def rec(self, docs: list[dict], epoch: int) -> dict:
         """Prompt with a random 20% of the train items masked out; target: the masked items
         (or all train items with rec_target=all_train, as in the reference code)."""
-        histories, targets = [], torch.zeros((len(docs), self.tok.num_items))
+        histories, target_docs, target_items = [], [], []
         for row, doc in enumerate(docs):
             rng = doc_rng(self.seed, epoch, doc["pos"])
             if self.rec_target == "heldout":
@@ -168,9 +168,13 @@ class Collator:
             else:
                 history, heldout = shuffled(doc["items"], rng), doc["items"]
             histories.append(history[: self.max_items])
-            targets[row, heldout] = 1.0
+            target_docs += [row] * len(heldout)
+            target_items += list(heldout)
         users = [d["user"] for d in docs]
-        return {**self._prompt_batch(users, histories), "rec_targets": targets, **self._reg(users, histories)}
+        # The multi-hot target as (document, item) pairs: nothing catalogue-wide per document.
+        targets = {"target_docs": torch.tensor(target_docs, dtype=torch.long),
+                   "target_items": torch.tensor(target_items, dtype=torch.long)}
+        return {**self._prompt_batch(users, histories), **targets, **self._reg(users, histories)}
 
     def score(self, users: list[int], train_items: list[list[int]]) -> dict:
         """Evaluation prompt: all train items, in an order fixed by (seed, user)."""

@@ -9,6 +9,8 @@ Layout, below the stage's output folder (e.g. runs/x/pretrain)::
             rng-rank00000.pt        that rank's python / numpy / torch RNG states
             trainable.safetensors   every trainable parameter in full (fp32) with its Adam moments:
                                     what a resume on another number of ranks loads
+            id-shards/              with model.id_tables=sharded: each rank's rows of the ID tables
+                                    and their Adam moments (trainer/table_shards.py)
             trainer_state.json      the recipe's progress, every rank's data-reader state,
                                     Adam step counts, the resolved config, the project version
             manifest.json           size and sha256 of every file above; written last
@@ -41,6 +43,7 @@ from data_shards.build import sha256_of
 from trainer import compat
 from model.lora import MODELS
 from trainer.model_state import gathered_params
+from trainer.table_shards import load_shards, save_shards
 
 log = logging.getLogger("cllm4rec")
 STATE_NAME = "trainer_state.json"
@@ -85,6 +88,7 @@ def run_identity(model, config: dict) -> dict:
     return {"num_users": model.num_users, "num_items": model.num_items, "vocab_size": model.vocab_size,
             "trainable": {n: list(compat.full_shape(p)) for n, p in model.named_parameters()
                           if p.requires_grad},
+            "id_tables": "sharded" if model.sharded_tables else "dense",
             "shards": shards}
 
 
@@ -163,8 +167,10 @@ class Checkpointer:
     preemption, and restores it when ``resume`` is "auto" (the newest usable checkpoint, if
     any) or a checkpoint folder."""
 
-    def __init__(self, engine, stage_dir: Path, save_every_steps: int, keep: int, config: dict):
+    def __init__(self, engine, stage_dir: Path, save_every_steps: int, keep: int, config: dict,
+                 table_optimizer=None):
         self.engine = engine
+        self.table_optimizer = table_optimizer  # trainer.optim.ShardAdam with model.id_tables=sharded
         self.root = Path(stage_dir) / "checkpoints"
         self.save_every_steps = int(save_every_steps)
         self.keep = max(1, int(keep))
@@ -197,6 +203,9 @@ class Checkpointer:
         failed = failed or _attempt(lambda: torch.save(
             {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
             tmp / f"rng-rank{self.rank:05d}.pt"))
+        if self.engine.module.sharded_tables:
+            failed = failed or _attempt(lambda: save_shards(dict(self.engine.module.tables.items()),
+                                                            self.table_optimizer, tmp, self.rank))
         trainable, adam_steps = self._full_trainable_state()
         readers = [None] * self.world
         dist.all_gather_object(readers, reader_state)
@@ -232,8 +241,10 @@ class Checkpointer:
         from safetensors.torch import save_file
 
         save_file(trainable, str(tmp / TRAINABLE_NAME))
+        schedule = getattr(self.table_optimizer, "schedule", None)
         state = {"tag": tag, "step": step, "world_size": self.world, "progress": progress,
                  "readers": readers, "adam_steps": adam_steps, "config": self.config,
+                 "table_schedule_step": schedule.last_epoch if schedule is not None else None,
                  "identity": self.identity, "version": _project_version()}
         (tmp / STATE_NAME).write_text(json.dumps(state, indent=1))
         (tmp / MANIFEST_NAME).write_text(json.dumps(_manifest(tmp), indent=1))
@@ -250,6 +261,8 @@ class Checkpointer:
 
         from trainer.optim import model_of
 
+        if self.engine.optimizer is None:  # nothing of the module trains (paper mode, sharded tables)
+            return {}, dict.fromkeys(MODELS, 0)
         # Decided from the step counts, which every rank agrees on: asking DeepSpeed for a
         # missing moment fails on some ranks only under ZeRO-1/2, and the collectives diverge.
         steps = _adam_steps(self.engine)
@@ -355,10 +368,15 @@ class Checkpointer:
         else:
             self._load_trainable(path / TRAINABLE_NAME, state["adam_steps"])
             rng_file = path / "rng-rank00000.pt"
-            state["reader"] = {**state["readers"][0], "rank": self.rank}
+            saved_reader = state["readers"][0]  # None in a checkpoint taken between epochs
+            state["reader"] = None if saved_reader is None else {**saved_reader, "rank": self.rank}
             log.warning("resuming a %d-rank checkpoint on %d rank(s): weights and Adam state are exact; "
                         "the data continues at the same global position if the global batch is unchanged",
                         state["world_size"], self.world)
+        if self.engine.module.sharded_tables:  # resharded when the number of ranks changed
+            load_shards(dict(self.engine.module.tables.items()), self.table_optimizer, path)
+            if self.table_optimizer is not None and self.table_optimizer.schedule is not None:
+                self.table_optimizer.schedule.last_epoch = state["table_schedule_step"]
         rng = torch.load(rng_file, weights_only=False)
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
@@ -374,9 +392,9 @@ class Checkpointer:
         if saved is None:
             log.warning("%s predates identity checks: not comparing its model and shards with this run's", path)
             return
-        differences = [f"{key}: {saved[key]} in the checkpoint, {self.identity[key]} in this run"
-                       for key in ("num_users", "num_items", "vocab_size", "shards")
-                       if saved[key] != self.identity[key]]
+        differences = [f"{key}: {saved.get(key, 'dense')} in the checkpoint, {self.identity[key]} in this run"
+                       for key in ("num_users", "num_items", "vocab_size", "shards", "id_tables")
+                       if saved.get(key, "dense") != self.identity[key]]
         mine, theirs = self.identity["trainable"], saved["trainable"]
         only_saved, only_here = sorted(theirs.keys() - mine.keys()), sorted(mine.keys() - theirs.keys())
         reshaped = [f"{n} {tuple(theirs[n])} vs {tuple(mine[n])}" for n in sorted(mine.keys() & theirs.keys())
@@ -397,13 +415,16 @@ class Checkpointer:
         if "lr" not in self.config.get(self.stage, {}):  # a stage without an optimizer of its own
             return
         lr, before = self.config[self.stage]["lr"], saved_config.get(self.stage, {}).get("lr")
-        groups = compat.inner_optimizer(self.engine).param_groups
-        schedule = self.engine.lr_scheduler
-        if schedule is not None:  # the schedule scales this run's rate from where it stood
-            schedule.base_lrs = [lr] * len(groups)
-        factors = [1.0] * len(groups) if schedule is None else [f(schedule.last_epoch) for f in schedule.lr_lambdas]
-        for group, factor in zip(groups, factors):
-            group["lr"] = lr * factor
+        optimizers = [(compat.inner_optimizer(self.engine), self.engine.lr_scheduler)] if self.engine.optimizer else []
+        if self.table_optimizer is not None:
+            optimizers.append((self.table_optimizer, self.table_optimizer.schedule))
+        for optimizer, schedule in optimizers:
+            groups = optimizer.param_groups
+            if schedule is not None:  # the schedule scales this run's rate from where it stood
+                schedule.base_lrs = [lr] * len(groups)
+            factors = [1.0] * len(groups) if schedule is None else [f(schedule.last_epoch) for f in schedule.lr_lambdas]
+            for group, factor in zip(groups, factors):
+                group["lr"] = lr * factor
         if before is not None and before != lr:
             log.warning("%s.lr is %g in this run and was %g when the checkpoint was saved: continuing with %g",
                         self.stage, lr, before, lr)
@@ -422,6 +443,8 @@ class Checkpointer:
         with gathered_params(list(params.values()), modifier_rank=0), torch.no_grad():
             for name, p in params.items():
                 p.copy_(saved[f"param/{name}"].to(p.dtype))
+        if self.engine.optimizer is None:
+            return
         _create_adam_states(self.engine)
         compat.relink_optimizer_state(self.engine)
         for name, p in params.items():

@@ -31,6 +31,11 @@ class ModelSection:
     # false: no content LLM (an ablation, not the paper): no content epochs in pretraining or
     # finetuning and no mutual regularization, so only the collaborative model and the rec head train
     content: bool = True
+    # dense: each ID table is one parameter under DeepSpeed (ZeRO-3 partitions it and gathers it
+    # whole for every call). sharded: each rank owns a range of every table's rows, outside
+    # DeepSpeed; lookups and the item head move only the step's rows and scores
+    # (model/sharded_tables.py, docs/method.md). Same results; for catalogues of millions of rows.
+    id_tables: str = "dense"
 
 
 @dataclass
@@ -237,6 +242,8 @@ def _validate(cfg: Config) -> None:
                         ("loss.vocab_chunk", cfg.loss.vocab_chunk)):
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
+    if cfg.model.id_tables not in ("dense", "sharded"):
+        raise ValueError(f"model.id_tables must be 'dense' or 'sharded', got {cfg.model.id_tables!r}")
     if cfg.model.quantization not in ("none", "nf4"):
         raise ValueError(f"model.quantization must be 'none' or 'nf4', got {cfg.model.quantization!r}")
     attentions = ("auto", "sdpa_varlen", "sdpa", "eager", "flash_attention_2")

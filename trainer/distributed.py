@@ -18,6 +18,60 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_gloo_ranks(world: int, fn, *args) -> list:
+    """fn(rank, world, *args) in `world` forked processes joined in a gloo process group on this
+    machine (one thread each), without a launcher; each rank's return value, by rank. For
+    benchmarks and tests of collectives. A rank that fails, or dies without a word (out of
+    memory), stops all of them with its error."""
+    import io
+    import multiprocessing
+    import queue
+    import traceback
+
+    import torch.distributed as dist
+
+    ctx = multiprocessing.get_context("fork")
+    results, port = ctx.Queue(), free_port()
+
+    def entry(rank: int) -> None:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        try:
+            torch.set_num_threads(1)
+            dist.init_process_group("gloo", rank=rank, world_size=world)
+            buffer = io.BytesIO()  # bytes: a tensor would be shared through a handle that dies with its rank
+            torch.save(fn(rank, world, *args), buffer)
+            results.put((rank, buffer.getvalue(), None))
+        except BaseException:  # noqa: BLE001 (raised in the parent)
+            results.put((rank, None, traceback.format_exc()))
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    ranks = [ctx.Process(target=entry, args=(r,)) for r in range(world)]
+    for process in ranks:
+        process.start()
+    reports = {}
+    try:
+        while len(reports) < world:
+            try:
+                rank, value, error = results.get(timeout=5)
+            except queue.Empty:
+                dead = [(r, p.exitcode) for r, p in enumerate(ranks) if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"{world} ranks: rank(s) died without a report (rank, exit code): {dead}")
+                continue
+            if error is not None:
+                raise RuntimeError(f"{world} ranks: rank {rank} failed:\n{error}")
+            reports[rank] = torch.load(io.BytesIO(value), weights_only=False)
+    finally:
+        for process in ranks:
+            process.join(timeout=30 if len(reports) == world else 0)
+            if process.is_alive():
+                process.terminate()
+                process.join()
+    return [reports[r] for r in range(world)]
+
+
 def init_distributed(collective_timeout_s: float = 1800) -> tuple[int, int]:
     """Start (or join) the process group; returns (rank, world_size). A collective that waits
     longer than `collective_timeout_s` (a rank hung or gone on another node) fails on every rank

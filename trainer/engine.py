@@ -80,6 +80,16 @@ def check_supported(cfg: Config, ds_config: dict) -> None:
         if compute_dtype(ds_config) == torch.float32:
             raise ValueError(f"model.attn_implementation=flash_attention_2 needs bf16 or fp16 in {where} "
                              "(flash-attn has no fp32 kernels)")
+    if cfg.model.id_tables == "sharded":
+        if ds_config.get("fp16", {}).get("enabled"):
+            raise ValueError(f"model.id_tables=sharded with fp16 in {where}: DeepSpeed's loss scaling does not "
+                             "see the table shards (they live outside it); use bf16 or fp32")
+        if float(ds_config.get("gradient_clipping", 0) or 0) > 0:
+            raise ValueError(f"model.id_tables=sharded with gradient_clipping in {where}: DeepSpeed's clipping "
+                             "norm would leave out the table shards; remove gradient_clipping or use dense tables")
+        if int(ds_config.get("gradient_accumulation_steps", 1)) > 1:
+            raise ValueError(f"model.id_tables=sharded with gradient_accumulation_steps > 1 in {where}: the shards "
+                             "step on every micro-batch; raise the batch size instead")
     if zero.get("offload_param") and zero_stage(ds_config) != 3:
         raise ValueError(f"{where}: offload_param needs ZeRO stage 3")
     if ds_config.get("fp16", {}).get("enabled") and ds_config.get("bf16", {}).get("enabled"):
@@ -118,8 +128,12 @@ def build_model(cfg: Config, ds_config: dict, num_users: int, num_items: int) ->
         mode += "; no content model (model.content=false): no content epochs, no mutual regularization"
     # Under ZeRO-3 the ID tables (rows x hidden size: gigabytes for large catalogues) are
     # partitioned as they are created.
+    sharded = cfg.model.id_tables == "sharded"
+    # The shards' collectives get a group of their own, so that they never interleave with ZeRO's.
+    table_group = torch.distributed.new_group() if sharded and torch.distributed.is_initialized() else None
     with zero3_init(ds_config):
-        model = CLLM4Rec(backbone, vocab_size, num_users, num_items, loss, cfg.model.init_std, attention)
+        model = CLLM4Rec(backbone, vocab_size, num_users, num_items, loss, cfg.model.init_std, attention,
+                         seed=cfg.run.seed, sharded_tables=sharded, table_group=table_group)
     # Trainable weights (tables, LoRA) run in the base's dtype: ZeRO-3 keeps one flat buffer of
     # them in a single dtype, and under bf16 the optimizer holds their fp32 master copies.
     # (Partitioned ones were created in that dtype already.)
@@ -127,6 +141,9 @@ def build_model(cfg: Config, ds_config: dict, num_users: int, num_items: int) ->
         if param.requires_grad and not compat.is_partitioned(param):
             param.data = param.data.to(dtype)
     trainable = sum(compat.full_numel(p) for p in model.parameters() if p.requires_grad)
+    if sharded:
+        trainable += sum(t.num_rows * t.dim for t in model.tables.values())
+        mode += f"; ID tables row-sharded over {torch.distributed.get_world_size()} rank(s)"
     log.info("model: %s; %d users, %d items; %s trainable parameters", mode, num_users, num_items, f"{trainable:,}")
     return model, tokenizer
 

@@ -26,7 +26,7 @@ from trainer.ranking import rank_users
 from trainer.metrics import evaluate_topk
 from trainer.loop import Epoch, Progress, TrainLog, epoch_steps, train_epoch
 from trainer.model_state import load_model_state, save_model_state
-from trainer.optim import AlternatingAdamW, lr_scheduler, param_groups
+from trainer.optim import Optimizers
 
 log = logging.getLogger("cllm4rec")
 
@@ -49,10 +49,9 @@ def main(cfg: Config) -> Path:
     # content stream the content model, so that mutual regularization works both ways.
     streams = ["rec", "content"] if f.content_epochs and cfg.model.content else ["rec"]
     plan = [(epoch, stream) for epoch in range(f.epochs) for stream in streams]
-    optimizer = AlternatingAdamW(param_groups(model, f.weight_decay), lr=f.lr, eps=f.adam_eps)
     total_steps = sum(epoch_steps(readers[stream], f.max_steps_per_epoch) for _, stream in plan)
-    engine = build_engine(model, ds_config, optimizer,
-                          lr_scheduler(optimizer, f.lr_schedule, f.warmup_steps, total_steps))
+    optimizers, schedule = Optimizers.build(model, f, total_steps)
+    engine = build_engine(model, ds_config, optimizers.module, schedule)
     resources.setup_done()
     collator = Collator.from_config(tokenizer, cfg, holdout_fraction=f.holdout_fraction, rec_target=f.target)
     train, val_items = load_split(cfg.data.shards, "train"), load_split(cfg.data.shards, "val")
@@ -62,7 +61,8 @@ def main(cfg: Config) -> Path:
              f.target)
 
     batchers = {"rec": collator.rec, "content": collator.content}
-    checkpoints = Checkpointer(engine, out_dir, cfg.run.save_every_steps, cfg.run.keep_checkpoints, cfg.to_dict())
+    checkpoints = Checkpointer(engine, out_dir, cfg.run.save_every_steps, cfg.run.keep_checkpoints, cfg.to_dict(),
+                               optimizers.shards)
     resume_from = checkpoints.find(cfg.run.resume)
     state = checkpoints.load(resume_from) if resume_from else None
     progress = Progress.from_dict(state["progress"]) if state else Progress()
@@ -78,7 +78,7 @@ def main(cfg: Config) -> Path:
         epoch = Epoch(readers[stream], batchers[stream], task=stream, model="collab" if stream == "rec" else "content",
                       number=epoch_number, label=f"finetune {epoch_number + 1} {stream}",
                       max_steps=f.max_steps_per_epoch, num_workers=cfg.data.num_workers)
-        train_epoch(engine, optimizer, epoch, train_log, progress, checkpoints)
+        train_epoch(engine, optimizers, epoch, train_log, progress, checkpoints)
 
         # ----- validate, after each epoch's last stream; save the best epoch so far -----
         if stream == streams[-1]:

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from model.lora import MODELS
 from trainer.resources import peak_rss_mb
-from trainer.optim import AlternatingAdamW
+from trainer.optim import AlternatingAdamW, Optimizers
 
 
 class TrainLog:
@@ -144,10 +144,11 @@ def epoch_steps(reader, max_steps: int = 0) -> int:
     return reader.steps_per_epoch if not max_steps else min(max_steps, reader.steps_per_epoch)
 
 
-def train_epoch(engine, optimizer: AlternatingAdamW, epoch: Epoch, log: TrainLog, progress: Progress | None = None,
-                checkpoints=None) -> float:
+def train_epoch(engine, optimizer: Optimizers | AlternatingAdamW, epoch: Epoch, log: TrainLog,
+                progress: Progress | None = None, checkpoints=None) -> float:
     """The steps of `epoch` from `progress.next_step` on; only `epoch.model`'s parameters are
-    updated. Returns the mean loss over the epoch (averaged over ranks).
+    updated (`optimizer`: the stage's Optimizers, or the engine's AlternatingAdamW alone).
+    Returns the mean loss over the epoch (averaged over ranks).
 
     `progress` (default: a fresh one) is kept current after every step. `checkpoints` (a
     trainer.checkpoint.Checkpointer, or anything with the same two methods) is called at the
@@ -155,6 +156,7 @@ def train_epoch(engine, optimizer: AlternatingAdamW, epoch: Epoch, log: TrainLog
     `after_step(step, epoch, progress)`: it saves when due and stops on preemption.
     """
     progress = progress or Progress()
+    optimizers = optimizer if isinstance(optimizer, Optimizers) else Optimizers(optimizer)
     if checkpoints is not None:
         checkpoints.before_epoch(epoch, progress)
     engine.train()
@@ -165,10 +167,9 @@ def train_epoch(engine, optimizer: AlternatingAdamW, epoch: Epoch, log: TrainLog
     for step, docs, batch in epoch.reader.loader(epoch.number, progress.next_step, steps, epoch.make_batch,
                                                  epoch.num_workers):
         start = time.perf_counter()
-        optimizer.active_model = epoch.model
-        out = engine(epoch.task, batch)
-        engine.backward(out["loss"])
-        engine.step()
+        optimizers.activate(epoch.model)
+        out = optimizers.forward(engine, epoch.task, batch)
+        optimizers.step(engine, out["loss"])
         loss, nll, reg, tokens, pad_frac, peak_rss = _step_stats(out, batch)
         progress.next_step, progress.loss_sum = step + 1, progress.loss_sum + loss
         bar.update(1)

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from model.cllm4rec import CLLM4Rec
 from model.lora import MODELS
 from trainer import compat
+from trainer.table_shards import export_tables, load_table_rows
 
 TABLES = "id_tables.safetensors"
 
@@ -43,19 +44,24 @@ def trainable_state(model: CLLM4Rec) -> dict[str, torch.Tensor]:
 
 
 def save_model_state(model: CLLM4Rec, out_dir: Path, rank: int) -> None:
+    """Collective. Sharded tables are streamed to rank 0 one shard at a time (export_tables)."""
     state = trainable_state(model)
+    out_dir = Path(out_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    if model.sharded_tables:
+        export_tables(dict(model.tables.items()), out_dir / TABLES, rank, model.tables["collab_user"].comm.group)
     if rank != 0:
         return
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tables = {n.removeprefix("tables.").removesuffix(".weight"): t for n, t in state.items() if n.startswith("tables.")}
-    save_file(tables, str(out_dir / TABLES))
+    if not model.sharded_tables:
+        save_file({n.removeprefix("tables.").removesuffix(".weight"): t for n, t in state.items()
+                   if n.startswith("tables.")}, str(out_dir / TABLES))
     if model.lora:
         adapters = {n.removeprefix("backbone."): t for n, t in state.items() if n.startswith("backbone.")}
         model.backbone.save_pretrained(str(out_dir / "adapters"), selected_adapters=list(MODELS),
                                        state_dict=adapters)
     meta = {"num_users": model.num_users, "num_items": model.num_items, "vocab_size": model.vocab_size,
-            "hidden_size": tables["collab_user"].shape[1], "lora": model.lora}
+            "hidden_size": model.hidden_size, "lora": model.lora}
     (out_dir / "model_state.json").write_text(json.dumps(meta, indent=2))
 
 
@@ -73,7 +79,11 @@ def load_model_state(model: CLLM4Rec, state_dir: Path) -> None:
     if meta["lora"] != model.lora:
         raise ValueError(f"{state_dir}: saved with LoRA {'on' if meta['lora'] else 'off'}, but lora.r says "
                          f"{'on' if model.lora else 'off'}; use the same lora settings as the saved run")
-    values = {f"tables.{k}.weight": v for k, v in load_file(str(state_dir / TABLES)).items()}
+    if model.sharded_tables:  # each rank reads its own rows only
+        load_table_rows(dict(model.tables.items()), state_dir / TABLES)
+        values = {}
+    else:
+        values = {f"tables.{k}.weight": v for k, v in load_file(str(state_dir / TABLES)).items()}
     if model.lora:
         from peft.utils import load_peft_weights
 

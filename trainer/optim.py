@@ -9,6 +9,7 @@ model's groups only: the other model's weights and optimizer state stay exactly 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -71,3 +72,110 @@ class AlternatingAdamW(torch.optim.AdamW):
         finally:
             for group, params in zip(inactive, held):
                 group["params"] = params
+
+
+class ShardAdam:
+    """AdamW over the row shards of the ID tables (model.sharded_tables), which live outside
+    DeepSpeed: one param group per table, tagged with its model, and like AlternatingAdamW only
+    the active model's groups step. A shard whose table took no part in the step steps on a zero
+    gradient, as a dense table under DeepSpeed does, so the semantics are those of dense Adam.
+    Lookups leave sparse gradients; they are made dense (shard-sized) here, one shard at a time.
+
+    A shard's gradient is the sum of every rank's loss's gradient; DeepSpeed averages the module's
+    gradients over the ranks, so the shards' are divided by the number of ranks too: the same
+    update at any number of ranks, and Adam moments that carry over when it changes.
+    """
+
+    def __init__(self, tables: dict, lr: float, eps: float = 1e-8, weight_decay: float = 0.0):
+        groups = [{"params": [table.shard], "model": model_of(f"tables.{name}"), "table": name,
+                   "weight_decay": weight_decay, "ranks": table.comm.world} for name, table in tables.items()]
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, eps=eps, fused=True)
+        self.active_model = "collab"
+        self.schedule = None  # the stage's lr schedule (lr_scheduler), stepped with the shards
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def step(self) -> None:
+        held = []
+        for group in self.optimizer.param_groups:
+            held.append(group["params"])
+            if group["model"] != self.active_model:
+                group["params"] = []
+                continue
+            for shard in group["params"]:
+                if shard.grad is None:
+                    shard.grad = torch.zeros_like(shard)
+                elif shard.grad.is_sparse:
+                    shard.grad = shard.grad.to_dense()
+                shard.grad.div_(group["ranks"])
+        try:
+            self.optimizer.step()
+        finally:
+            for group, params in zip(self.optimizer.param_groups, held):
+                group["params"] = params
+            self.zero_grad()
+        if self.schedule is not None:
+            self.schedule.step()
+
+    def zero_grad(self) -> None:
+        for group in self.optimizer.param_groups:
+            for shard in group["params"]:
+                shard.grad = None
+
+    def state_of(self, table: str) -> dict:
+        """Adam's state of one table's shard: step, exp_avg, exp_avg_sq (empty before its first step)."""
+        group = next(g for g in self.optimizer.param_groups if g["table"] == table)
+        return self.optimizer.state.get(group["params"][0], {})
+
+    def set_state(self, table: str, step: int, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
+        group = next(g for g in self.optimizer.param_groups if g["table"] == table)
+        self.optimizer.state[group["params"][0]] = {"step": torch.tensor(float(step)), "exp_avg": exp_avg,
+                                                    "exp_avg_sq": exp_avg_sq}
+
+
+@dataclass
+class Optimizers:
+    """What a training step updates: the module's trainable parameters through the DeepSpeed
+    engine (`module`: LoRA, and the ID tables when they are dense; None when nothing of the
+    module trains, as in paper mode with sharded tables) and the ID-table shards (`shards`, with
+    model.id_tables=sharded). Both follow the stage's learning-rate schedule."""
+
+    module: AlternatingAdamW | None
+    shards: ShardAdam | None = None
+
+    @classmethod
+    def build(cls, model, section, total_steps: int) -> tuple["Optimizers", object]:
+        """The optimizers of a stage (`section`: the pretrain or finetune config) and the module
+        optimizer's lr schedule, which the DeepSpeed engine steps."""
+        groups = param_groups(model, section.weight_decay)
+        module = AlternatingAdamW(groups, lr=section.lr, eps=section.adam_eps) if groups else None
+        schedule = lr_scheduler(module, section.lr_schedule, section.warmup_steps, total_steps) if module else None
+        shards = None
+        if getattr(model, "sharded_tables", False):
+            shards = ShardAdam(dict(model.tables.items()), section.lr, section.adam_eps, section.weight_decay)
+            shards.schedule = lr_scheduler(shards.optimizer, section.lr_schedule, section.warmup_steps, total_steps)
+        return cls(module, shards), schedule
+
+    def activate(self, model: str) -> None:
+        for optimizer in (self.module, self.shards):
+            if optimizer is not None:
+                optimizer.active_model = model
+
+    def forward(self, engine, task: str, batch: dict) -> dict:
+        """The model's forward for a training step. When DeepSpeed trains nothing of the module
+        (paper mode with sharded tables) its engine has no optimizer, and the engine's forward
+        marks its outputs for engine.backward(), which needs one; the module is called directly
+        (under ZeRO-3 its own hooks still gather the base's weights) and backward is plain."""
+        return engine(task, batch) if self.module is not None else engine.module(task, batch)
+
+    def step(self, engine, loss: torch.Tensor) -> None:
+        """Backward and one update of the active model."""
+        if self.module is not None:
+            engine.backward(loss)
+            engine.step()
+        else:
+            loss.backward()
+        if self.shards is not None:
+            self.shards.step()

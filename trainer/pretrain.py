@@ -24,7 +24,7 @@ from trainer.readers import stream_readers
 from trainer.resources import ResourceReport
 from trainer.loop import Epoch, Progress, TrainLog, epoch_steps, train_epoch
 from trainer.model_state import save_model_state
-from trainer.optim import AlternatingAdamW, lr_scheduler, param_groups
+from trainer.optim import Optimizers
 
 log = logging.getLogger("cllm4rec")
 
@@ -48,14 +48,14 @@ def main(cfg: Config) -> Path:
     ds_config = load_ds_config(cfg.run.deepspeed, max(p.collab_batch_size, p.content_batch_size))
     model, tokenizer = build_model(cfg, ds_config, index["num_users"], index["num_items"])
     plan = epoch_plan(p.content_warmup_epochs, p.rounds, cfg.model.content)
-    optimizer = AlternatingAdamW(param_groups(model, p.weight_decay), lr=p.lr, eps=p.adam_eps)
     total_steps = sum(epoch_steps(readers[stream], p.max_steps_per_epoch) for stream in plan)
-    engine = build_engine(model, ds_config, optimizer,
-                          lr_scheduler(optimizer, p.lr_schedule, p.warmup_steps, total_steps))
+    optimizers, schedule = Optimizers.build(model, p, total_steps)
+    engine = build_engine(model, ds_config, optimizers.module, schedule)
     resources.setup_done()
     collator = Collator.from_config(tokenizer, cfg)
     batchers = {"collab": collator.collab, "content": collator.content}
-    checkpoints = Checkpointer(engine, out_dir, cfg.run.save_every_steps, cfg.run.keep_checkpoints, cfg.to_dict())
+    checkpoints = Checkpointer(engine, out_dir, cfg.run.save_every_steps, cfg.run.keep_checkpoints, cfg.to_dict(),
+                               optimizers.shards)
     resume_from = checkpoints.find(cfg.run.resume)
     state = checkpoints.load(resume_from) if resume_from else None
     progress = Progress.from_dict(state["progress"]) if state else Progress()
@@ -73,7 +73,7 @@ def main(cfg: Config) -> Path:
         epoch = Epoch(readers[model], batchers[model], task=model, model=model, number=progress.epochs_done[model],
                       label=f"pretrain {number + 1} {model}", max_steps=p.max_steps_per_epoch,
                       num_workers=cfg.data.num_workers)
-        mean = train_epoch(engine, optimizer, epoch, train_log, progress, checkpoints)
+        mean = train_epoch(engine, optimizers, epoch, train_log, progress, checkpoints)
         log.info("%s epoch %d: mean loss %.4f", model, epoch.number, mean)
         progress.epochs_done[model] += 1
         progress.finish_entry()

@@ -65,3 +65,4 @@ def test_transformers_internals(tmp_path):
     with compat.zero3_build_context({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}):
         layer = torch.nn.Linear(4, 4)
     assert hasattr(layer.weight, "ds_id"), "compat.zero3_build_context: parameters are not partitioned"
+

@@ -39,13 +39,14 @@ def _run(stage, tmp, run_dir, *extra):
     return done.stdout + done.stderr
 
 
-def _signal_at(stage, tmp, run_dir, steps, signals=(signal.SIGKILL,)):
-    """Start the stage in its own process group; once `steps` steps are logged, send `signals`
-    to the whole group (as a scheduler does), 50 ms apart. Returns (exit status, output)."""
+def _signal_at(stage, tmp, run_dir, steps, signals=(signal.SIGKILL,), command=None):
+    """Start the stage (`command`, default _command's) in its own process group on 2 ranks; once
+    `steps` steps are logged, send `signals` to the whole group (as a scheduler does), 50 ms apart.
+    Returns (exit status, output)."""
     log = run_dir / stage / "train_log.jsonl"
     output = tmp / f"{stage}-{run_dir.name}-signalled.log"
     with open(output, "w") as out:
-        proc = subprocess.Popen(_command(stage, tmp, run_dir), cwd=REPO, env=launcher_env(NPROC="2"),
+        proc = subprocess.Popen(command or _command(stage, tmp, run_dir), cwd=REPO, env=launcher_env(NPROC="2"),
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 300
         while not (log.is_file() and len(log.read_text().splitlines()) >= steps):
