@@ -30,7 +30,6 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -56,11 +55,6 @@ TOLERANCE = 1e-5  # largest |difference| allowed between the final tables of two
 COMPARE_ROWS = 1 << 20  # rows compared at a time, so the comparison holds no whole table
 
 GIB = 1 << 30
-
-# Every lookup's backward builds a sparse gradient; torch warns once per process that it does not
-# check sparse tensors, which says nothing about this bench.
-warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
-
 
 # ------------------------------------------------------------------ one training run
 

@@ -80,6 +80,9 @@ def test_bf16_trains_stably_next_to_fp32(setup):
     (["model.attn_implementation=flash_attention_2"], {}, "needs a CUDA GPU"),
     ([], {"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, "offload_param needs ZeRO stage 3"),
     ([], {"fp16": {"enabled": True}, "bf16": {"enabled": True}}, "not both"),
+    (["model.id_tables=sharded"], {"fp16": {"enabled": True}}, "loss scaling does not see the table shards"),
+    (["model.id_tables=sharded"], {"gradient_clipping": 1.0}, "clipping norm would leave out the table shards"),
+    (["model.id_tables=sharded"], {"gradient_accumulation_steps": 4}, "gradient_accumulation_steps > 1"),
 ])
 def test_unsupported_combinations_fail_before_loading(overrides, ds_changes, message):
     cfg = load_config("configs/quickstart.yaml", ["model.base_dir=does-not-exist", *overrides])
