@@ -18,36 +18,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_gloo_ranks(world: int, fn, *args) -> list:
-    """fn(rank, world, *args) in `world` forked processes joined in a gloo process group on this
-    machine (one thread each), without a launcher; each rank's return value, by rank. For
-    benchmarks and tests of collectives. A rank that fails, or dies without a word (out of
-    memory), stops all of them with its error."""
+def _gloo_rank(rank: int, world: int, port: int, fn, args: tuple, results) -> None:
+    """One rank of run_gloo_ranks: join the group, run fn, report its value (or the error)."""
     import io
-    import multiprocessing
-    import queue
     import traceback
 
     import torch.distributed as dist
 
-    ctx = multiprocessing.get_context("fork")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        buffer = io.BytesIO()  # bytes: a tensor would be shared through a handle that dies with its rank
+        torch.save(fn(rank, world, *args), buffer)
+        results.put((rank, buffer.getvalue(), None))
+    except BaseException:  # noqa: BLE001 (raised in the parent)
+        results.put((rank, None, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_gloo_ranks(world: int, fn, *args) -> list:
+    """fn(rank, world, *args) in `world` processes joined in a gloo process group on this machine
+    (one thread each), without a launcher; each rank's return value, by rank. For benchmarks and
+    tests of collectives; `fn` must be a module-level function. A rank that fails, or dies without
+    a word (out of memory), stops all of them with its error.
+
+    The ranks come from a fork server, not from a fork of this process: a process group that
+    this process already holds (a test's, a recipe's) must not be copied into them, and a copied
+    one can neither be used nor torn down there."""
+    import io
+    import multiprocessing
+    import queue
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "trainer.distributed"])
     results, port = ctx.Queue(), free_port()
-
-    def entry(rank: int) -> None:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        try:
-            torch.set_num_threads(1)
-            dist.init_process_group("gloo", rank=rank, world_size=world)
-            buffer = io.BytesIO()  # bytes: a tensor would be shared through a handle that dies with its rank
-            torch.save(fn(rank, world, *args), buffer)
-            results.put((rank, buffer.getvalue(), None))
-        except BaseException:  # noqa: BLE001 (raised in the parent)
-            results.put((rank, None, traceback.format_exc()))
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-
-    ranks = [ctx.Process(target=entry, args=(r,)) for r in range(world)]
+    ranks = [ctx.Process(target=_gloo_rank, args=(r, world, port, fn, args, results)) for r in range(world)]
     for process in ranks:
         process.start()
     reports = {}
