@@ -288,9 +288,6 @@ class ShardedIDTable(nn.Module):
                 raise ValueError(f"{self.name}: a table sharded over {self.comm.world} ranks gives no full score "
                                  "matrix; ask for top_k or targets")
             return hidden @ self.shard.detach().to(hidden.dtype).t()
-        if not self.shard.requires_grad or not torch.is_grad_enabled():
-            with torch.no_grad():
-                return _fetch(self.shard, ids, self)[0]
         return _Lookup.apply(self.shard, ids, self)
 
     @torch.no_grad()

@@ -87,7 +87,7 @@ class FixedReader:
 def toy_engine(base_dir, shards, *overrides: str):
     """(engine, optimizer, ID tokenizer) of CLLM4Rec on a tiny base for 40 users and 30 items:
     the quick-start config with `overrides`, 4 documents per rank, lr 0.01. The optimizer is the
-    engine's AlternatingAdamW, or with model.id_tables=sharded the stage's trainer.optim.Optimizers."""
+    stage's trainer.optim.Optimizers (the engine's, and with model.id_tables=sharded the shards')."""
     import dataclasses
 
     from trainer.config import load_config
@@ -99,7 +99,7 @@ def toy_engine(base_dir, shards, *overrides: str):
     model, tok = build_model(cfg, ds_config, 40, 30)
     optimizers, _ = Optimizers.build(model, dataclasses.replace(cfg.pretrain, lr=0.01), total_steps=1)
     engine = build_engine(model, ds_config, optimizers.module)
-    return engine, optimizers if optimizers.shards is not None else optimizers.module, tok
+    return engine, optimizers, tok
 
 
 def write_tiny_gguf(path: Path, architecture: str = "llama") -> Path:

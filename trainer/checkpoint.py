@@ -171,6 +171,9 @@ class Checkpointer:
                  table_optimizer=None):
         self.engine = engine
         self.table_optimizer = table_optimizer  # trainer.optim.ShardAdam with model.id_tables=sharded
+        if engine.module.sharded_tables and table_optimizer is None:
+            raise ValueError("sharded ID tables: the Checkpointer needs their optimizer (Optimizers.shards), or "
+                             "their Adam moments would be left out of every checkpoint")
         self.root = Path(stage_dir) / "checkpoints"
         self.save_every_steps = int(save_every_steps)
         self.keep = max(1, int(keep))
@@ -204,8 +207,8 @@ class Checkpointer:
             {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
             tmp / f"rng-rank{self.rank:05d}.pt"))
         if self.engine.module.sharded_tables:
-            failed = failed or _attempt(lambda: save_shards(dict(self.engine.module.tables.items()),
-                                                            self.table_optimizer, tmp, self.rank))
+            failed = failed or _attempt(lambda: save_shards(self.engine.module.tables, self.table_optimizer, tmp,
+                                                            self.rank))
         trainable, adam_steps = self._full_trainable_state()
         readers = [None] * self.world
         dist.all_gather_object(readers, reader_state)
@@ -374,8 +377,8 @@ class Checkpointer:
                         "the data continues at the same global position if the global batch is unchanged",
                         state["world_size"], self.world)
         if self.engine.module.sharded_tables:  # resharded when the number of ranks changed
-            load_shards(dict(self.engine.module.tables.items()), self.table_optimizer, path)
-            if self.table_optimizer is not None and self.table_optimizer.schedule is not None:
+            load_shards(self.engine.module.tables, self.table_optimizer, path)
+            if self.table_optimizer.schedule is not None:
                 self.table_optimizer.schedule.last_epoch = state["table_schedule_step"]
         rng = torch.load(rng_file, weights_only=False)
         random.setstate(rng["python"])
@@ -392,9 +395,10 @@ class Checkpointer:
         if saved is None:
             log.warning("%s predates identity checks: not comparing its model and shards with this run's", path)
             return
-        differences = [f"{key}: {saved.get(key, 'dense')} in the checkpoint, {self.identity[key]} in this run"
+        saved = {"id_tables": "dense", **saved}  # checkpoints from before sharded tables
+        differences = [f"{key}: {saved[key]} in the checkpoint, {self.identity[key]} in this run"
                        for key in ("num_users", "num_items", "vocab_size", "shards", "id_tables")
-                       if saved.get(key, "dense") != self.identity[key]]
+                       if saved[key] != self.identity[key]]
         mine, theirs = self.identity["trainable"], saved["trainable"]
         only_saved, only_here = sorted(theirs.keys() - mine.keys()), sorted(mine.keys() - theirs.keys())
         reshaped = [f"{n} {tuple(theirs[n])} vs {tuple(mine[n])}" for n in sorted(mine.keys() & theirs.keys())

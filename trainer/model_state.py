@@ -50,7 +50,7 @@ def save_model_state(model: CLLM4Rec, out_dir: Path, rank: int) -> None:
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
     if model.sharded_tables:
-        export_tables(dict(model.tables.items()), out_dir / TABLES, rank, model.tables["collab_user"].comm.group)
+        export_tables(model.tables, out_dir / TABLES, rank, model.tables["collab_user"].comm.group)
     if rank != 0:
         return
     if not model.sharded_tables:
@@ -80,7 +80,7 @@ def load_model_state(model: CLLM4Rec, state_dir: Path) -> None:
         raise ValueError(f"{state_dir}: saved with LoRA {'on' if meta['lora'] else 'off'}, but lora.r says "
                          f"{'on' if model.lora else 'off'}; use the same lora settings as the saved run")
     if model.sharded_tables:  # each rank reads its own rows only
-        load_table_rows(dict(model.tables.items()), state_dir / TABLES)
+        load_table_rows(model.tables, state_dir / TABLES)
         values = {}
     else:
         values = {f"tables.{k}.weight": v for k, v in load_file(str(state_dir / TABLES)).items()}

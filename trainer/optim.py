@@ -74,35 +74,27 @@ class AlternatingAdamW(torch.optim.AdamW):
                 group["params"] = params
 
 
-class ShardAdam:
-    """AdamW over the row shards of the ID tables (model.sharded_tables), which live outside
-    DeepSpeed: one param group per table, tagged with its model, and like AlternatingAdamW only
-    the active model's groups step. A shard whose table took no part in the step steps on a zero
-    gradient, as a dense table under DeepSpeed does, so the semantics are those of dense Adam.
-    Lookups leave sparse gradients; they are made dense (shard-sized) here, one shard at a time.
+class ShardAdam(AlternatingAdamW):
+    """AlternatingAdamW over the row shards of the ID tables (model.sharded_tables), which live
+    outside DeepSpeed: one param group per table, tagged with its model and table. A shard whose
+    table took no part in the step steps on a zero gradient, as a dense table under DeepSpeed
+    does, so the semantics are those of dense Adam. Lookups leave sparse gradients; they are made
+    dense (shard-sized) here, one shard at a time.
 
     A shard's gradient is the sum of every rank's loss's gradient; DeepSpeed averages the module's
     gradients over the ranks, so the shards' are divided by the number of ranks too: the same
     update at any number of ranks, and Adam moments that carry over when it changes.
     """
 
-    def __init__(self, tables: dict, lr: float, eps: float = 1e-8, weight_decay: float = 0.0):
+    def __init__(self, tables, lr: float, eps: float = 1e-8, weight_decay: float = 0.0):
         groups = [{"params": [table.shard], "model": model_of(f"tables.{name}"), "table": name,
                    "weight_decay": weight_decay, "ranks": table.comm.world} for name, table in tables.items()]
-        self.optimizer = torch.optim.AdamW(groups, lr=lr, eps=eps, fused=True)
-        self.active_model = "collab"
+        super().__init__(groups, lr=lr, eps=eps)
         self.schedule = None  # the stage's lr schedule (lr_scheduler), stepped with the shards
 
-    @property
-    def param_groups(self) -> list[dict]:
-        return self.optimizer.param_groups
-
-    def step(self) -> None:
-        held = []
-        for group in self.optimizer.param_groups:
-            held.append(group["params"])
+    def step(self, closure=None):
+        for group in self.param_groups:
             if group["model"] != self.active_model:
-                group["params"] = []
                 continue
             for shard in group["params"]:
                 if shard.grad is None:
@@ -111,28 +103,22 @@ class ShardAdam:
                     shard.grad = shard.grad.to_dense()
                 shard.grad.div_(group["ranks"])
         try:
-            self.optimizer.step()
+            return super().step(closure)
         finally:
-            for group, params in zip(self.optimizer.param_groups, held):
-                group["params"] = params
-            self.zero_grad()
-        if self.schedule is not None:
-            self.schedule.step()
+            self.zero_grad(set_to_none=True)
+            if self.schedule is not None:
+                self.schedule.step()
 
-    def zero_grad(self) -> None:
-        for group in self.optimizer.param_groups:
-            for shard in group["params"]:
-                shard.grad = None
+    def _shard_of(self, table: str) -> torch.Tensor:
+        return next(g["params"][0] for g in self.param_groups if g["table"] == table)
 
     def state_of(self, table: str) -> dict:
         """Adam's state of one table's shard: step, exp_avg, exp_avg_sq (empty before its first step)."""
-        group = next(g for g in self.optimizer.param_groups if g["table"] == table)
-        return self.optimizer.state.get(group["params"][0], {})
+        return self.state.get(self._shard_of(table), {})
 
     def set_state(self, table: str, step: int, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
-        group = next(g for g in self.optimizer.param_groups if g["table"] == table)
-        self.optimizer.state[group["params"][0]] = {"step": torch.tensor(float(step)), "exp_avg": exp_avg,
-                                                    "exp_avg_sq": exp_avg_sq}
+        self.state[self._shard_of(table)] = {"step": torch.tensor(float(step)), "exp_avg": exp_avg,
+                                             "exp_avg_sq": exp_avg_sq}
 
 
 @dataclass
@@ -153,9 +139,9 @@ class Optimizers:
         module = AlternatingAdamW(groups, lr=section.lr, eps=section.adam_eps) if groups else None
         schedule = lr_scheduler(module, section.lr_schedule, section.warmup_steps, total_steps) if module else None
         shards = None
-        if getattr(model, "sharded_tables", False):
-            shards = ShardAdam(dict(model.tables.items()), section.lr, section.adam_eps, section.weight_decay)
-            shards.schedule = lr_scheduler(shards.optimizer, section.lr_schedule, section.warmup_steps, total_steps)
+        if model.sharded_tables:
+            shards = ShardAdam(model.tables, section.lr, section.adam_eps, section.weight_decay)
+            shards.schedule = lr_scheduler(shards, section.lr_schedule, section.warmup_steps, total_steps)
         return cls(module, shards), schedule
 
     def activate(self, model: str) -> None:

@@ -33,11 +33,11 @@ def shard_file(folder: Path, rank: int) -> Path:
     return Path(folder) / SHARDS_DIR / f"rank{rank:05d}.safetensors"
 
 
-def save_shards(tables: dict, optimizer, folder: Path, rank: int) -> None:
+def save_shards(tables, optimizer, folder: Path, rank: int) -> None:
     """This rank's rows of every table, with their Adam moments, to folder/id-shards/."""
     tensors, meta = {}, {}
     for name, table in tables.items():
-        state = optimizer.state_of(name) if optimizer is not None else {}
+        state = optimizer.state_of(name)
         step = int(state["step"]) if state else 0
         tensors[f"param/{name}"] = table.shard.detach().contiguous()
         if step:  # a table that has not stepped has no moments yet
@@ -62,7 +62,7 @@ def _saved_ranges(folder: Path) -> list[tuple[Path, dict]]:
     return out
 
 
-def load_shards(tables: dict, optimizer, folder: Path) -> None:
+def load_shards(tables, optimizer, folder: Path) -> None:
     """Every table's rows of this rank, and their Adam moments, from the saved rank files whose
     ranges overlap it, whatever number of ranks saved them."""
     saved = _saved_ranges(folder)
@@ -89,11 +89,11 @@ def load_shards(tables: dict, optimizer, folder: Path) -> None:
         if covered != table.end - table.start:
             raise ValueError(f"{folder}: the saved shards of {name} cover {covered} of this rank's "
                              f"{table.end - table.start} rows; the checkpoint is incomplete")
-        if step and optimizer is not None:
+        if step:
             optimizer.set_state(name, step, values["exp_avg"], values["exp_avg_sq"])
 
 
-def export_tables(tables: dict, path: Path, rank: int, group=None) -> None:
+def export_tables(tables, path: Path, rank: int, group=None) -> None:
     """Collective: the whole tables into one safetensors file on rank 0 (as dense tables are
     saved), received and written one shard at a time.
 
@@ -128,7 +128,7 @@ def export_tables(tables: dict, path: Path, rank: int, group=None) -> None:
             out.close()
 
 
-def load_table_rows(tables: dict, path: Path) -> None:
+def load_table_rows(tables, path: Path) -> None:
     """Each table's rows of this rank from a saved id_tables.safetensors (dense or sharded)."""
     with safe_open(str(path), "pt") as f:
         for name, table in tables.items():

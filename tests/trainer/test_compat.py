@@ -36,7 +36,7 @@ def test_zero_optimizer_internals(tmp_path, config):
 
     reader = ShardReader(shards, "collab", 4, 0, 1, 0)
     _, _, batch = next(reader.loader(0, 0, 1, Collator(tok, 0, 32, 50).collab))
-    optimizer.active_model = "collab"
+    optimizer.activate("collab")
     out = engine("collab", batch)
     engine.backward(out["loss"])
     engine.step()

@@ -70,12 +70,17 @@ def _mid_epoch_checkpoint(train_log, every=5):
     return min(candidates, key=lambda c: abs(c - 0.6 * len(labels)))
 
 
+def write_inputs(tmp):
+    """The shards (of unequal sizes) and the tiny base that _command reads from `tmp`."""
+    src = write_synthetic_cllm4rec(tmp / "syn", num_users=60, num_items=40, num_clusters=3, seed=2)
+    build_shards(load_cllm4rec(src), tmp / "shards", docs_per_shard=17)
+    write_tiny_checkpoint(tmp / "tiny")
+    return tmp
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("resume")
-    src = write_synthetic_cllm4rec(tmp / "syn", num_users=60, num_items=40, num_clusters=3, seed=2)
-    build_shards(load_cllm4rec(src), tmp / "shards", docs_per_shard=17)  # unequal shard sizes
-    write_tiny_checkpoint(tmp / "tiny")
+    tmp = write_inputs(tmp_path_factory.mktemp("resume"))
     whole, broken = tmp / "whole", tmp / "broken"
     resumed_at, logs = {}, {}
     for stage in ("pretrain", "finetune"):

@@ -9,12 +9,9 @@ import subprocess
 import pytest
 from safetensors import safe_open
 
-from data_shards.build import build_shards
-from data_shards.sources import load_cllm4rec
-from data_shards.synthetic import write_synthetic_cllm4rec
 from tests.conftest import REPO
-from tests.helpers import launcher_env, write_tiny_checkpoint
-from tests.trainer.test_resume import _command, _losses, _mid_epoch_checkpoint, _signal_at
+from tests.helpers import launcher_env
+from tests.trainer.test_resume import _command, _losses, _mid_epoch_checkpoint, _signal_at, write_inputs
 
 pytestmark = pytest.mark.slow
 
@@ -37,11 +34,7 @@ def _pretrain(tmp, run_dir, ranks, *extra, tables="sharded"):
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("elastic")
-    src = write_synthetic_cllm4rec(tmp / "syn", num_users=60, num_items=40, num_clusters=3, seed=2)
-    build_shards(load_cllm4rec(src), tmp / "shards", docs_per_shard=17)  # unequal shard sizes
-    write_tiny_checkpoint(tmp / "tiny")
-    return tmp
+    return write_inputs(tmp_path_factory.mktemp("elastic"))
 
 
 @pytest.fixture(scope="module")
