@@ -55,7 +55,12 @@ VARIANTS = {
     "paper-mode": ("LoRA off, only the ID tables train (lora.r = 0)", "smollm2", ["lora.r=0"]),
     "all-train-target": ("finetune target: all train items (the reference code)", "smollm2",
                          ["finetune.target=all_train"]),
+    "ease-fusion": ("beyond the paper: the default's ranking fused with EASE's, weight chosen on val",
+                    "smollm2", ["evaluate.ease_fusion=true"]),
 }
+# variant -> the variant whose trained model it evaluates: only its evaluate stage runs, and its
+# wall time adds that of the trained model's pretrain and finetune
+EVALUATION_ONLY = {"ease-fusion": "default"}
 
 
 def cli(*args: str) -> None:
@@ -91,12 +96,19 @@ def prepare_shards(split: str) -> Path:
     return shards
 
 
-def run_one(config: str, run_dir: Path, overrides: list[str]) -> dict:
+def run_one(config: str, run_dir: Path, overrides: list[str], trained_in: Path | None = None) -> dict:
     """pretrain -> finetune -> evaluate of one (variant, seed); finished stages are skipped and an
-    interrupted one continues from its checkpoint."""
-    done_marker = {"pretrain": run_dir / "pretrain" / "resources.json",
-                   "finetune": run_dir / "finetune" / "resources.json",
+    interrupted one continues from its checkpoint. With `trained_in`, only evaluate runs, on the
+    model trained there."""
+    trained = trained_in or run_dir
+    done_marker = {"pretrain": trained / "pretrain" / "resources.json",
+                   "finetune": trained / "finetune" / "resources.json",
                    "evaluate": run_dir / "evaluate" / "resources.json"}
+    if trained_in is not None:
+        if not done_marker["finetune"].is_file():
+            raise SystemExit(f"bench/ablation.py: {run_dir} evaluates the model trained in {trained_in}, "
+                             "which is not finished; run that variant first")
+        overrides = [*overrides, f"evaluate.checkpoint={trained_in / 'finetune'}"]
     env = dict(os.environ, NPROC=os.environ.get("NPROC", "2"))
     for stage, marker in done_marker.items():
         if marker.is_file():
@@ -111,6 +123,8 @@ def run_one(config: str, run_dir: Path, overrides: list[str]) -> dict:
             raise SystemExit(f"bench/ablation.py: {stage} of {run_dir} failed (exit {done.returncode}); see {log_file}. "
                              "Run the same command again to continue where it stopped.")
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    if trained_in is not None:
+        metrics = metrics["ease_fusion"]
     wall = sum(json.loads(marker.read_text())["wall_s"] for marker in done_marker.values())
     return {"val": metrics["val"], "test": metrics["test"], "wall_s": round(wall, 1)}
 
@@ -220,8 +234,9 @@ def main() -> None:
                 print(f"[ablation] {variant} seed {seed}: running in {run_dir}", flush=True)
                 overrides = [f"model.base_dir={bases[base]}", f"data.shards={shards}", f"run.dir={run_dir}",
                              f"run.seed={seed}", *switches, *args.overrides]
+                trained_in = out / EVALUATION_ONLY[variant] / f"seed-{seed}" if variant in EVALUATION_ONLY else None
                 result = {"variant": variant, "seed": seed, "overrides": overrides,
-                          **run_one(config, run_dir, overrides)}
+                          **run_one(config, run_dir, overrides, trained_in)}
                 result_file.write_text(json.dumps(result, indent=2))
                 print(f"[ablation] {variant} seed {seed}: test recall@20 {result['test']['recall@20']:.4f} "
                       f"({time.time() - started:.0f} s)", flush=True)

@@ -16,11 +16,14 @@ METRICS = ("recall@20", "recall@40", "ndcg@100")
 
 def print_summary(run: Path) -> dict:
     metrics = json.loads((run / "metrics.json").read_text())
-    for split in ("val", "test"):
-        if split in metrics:
-            m = metrics[split]
-            print(f"CLLM4Rec {split}: Recall@20 {m['recall@20']:.4f}  Recall@40 {m['recall@40']:.4f}  "
-                  f"NDCG@100 {m['ndcg@100']:.4f}  ({m['users']} users)")
+    fusion = metrics.get("ease_fusion")
+    rows = {"CLLM4Rec": metrics, **({f"CLLM4Rec + EASE (weight {fusion['ease_weight']})": fusion} if fusion else {})}
+    for name, row in rows.items():
+        for split in ("val", "test"):
+            if split in row:
+                m = row[split]
+                print(f"{name} {split}: Recall@20 {m['recall@20']:.4f}  Recall@40 {m['recall@40']:.4f}  "
+                      f"NDCG@100 {m['ndcg@100']:.4f}  ({m['users']} users)")
     for stage in ("pretrain", "finetune", "evaluate"):
         path = run / stage / "resources.json"
         if path.is_file():
@@ -61,6 +64,8 @@ def plot(run: Path, metrics: dict) -> list[Path]:
         written.append(out / "val_recall.png")
         fig.savefig(written[-1], dpi=120)
     rows = {**metrics.get("baselines", {}), "CLLM4Rec": metrics}
+    if "ease_fusion" in metrics:
+        rows["CLLM4Rec + EASE"] = metrics["ease_fusion"]
     if all("test" in row for row in rows.values()):
         fig, ax = plt.subplots(figsize=(7, 4))
         width = 0.8 / len(rows)

@@ -1,4 +1,5 @@
-"""Popularity and EASE baselines under the evaluation protocol in docs/method.md.
+"""Popularity and EASE baselines under the evaluation protocol in docs/method.md, and the
+fusion of a model's ranking with EASE's (beyond the paper, `evaluate.ease_fusion`).
 
 Both validation and test rank items from the train history only, with only the train items
 excluded, so one top-k list per user serves both splits.
@@ -13,8 +14,11 @@ import torch
 from model.baselines import EASE, popularity_scores
 from trainer.metrics import evaluate_topk, rank_all_users
 
-# Metric used to pick EASE's lambda on validation.
+# Metric used to pick EASE's lambda and the fusion weight on validation.
 LAMBDA_SELECTION_METRIC = "recall@20"
+# Reciprocal-rank fusion's constant (Cormack, Clarke and Buettcher, SIGIR 2009): an item at
+# rank r of a list scores 1 / (RRF_K + r), so the head of a list does not drown the other list.
+RRF_K = 60
 
 
 def _rank(score_block_fn, train, k: int) -> np.ndarray:
@@ -29,7 +33,8 @@ def run_baselines(
     k: int = 100,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Popularity and EASE (lambda chosen by validation Recall@20) on val and test."""
+    """Popularity and EASE (lambda chosen by validation Recall@20) on val and test. The chosen
+    EASE's top-k lists (users x k) are returned too, under results["ease"]["topk"]."""
     train = train.tocsr()
     results: dict = {}
 
@@ -47,8 +52,8 @@ def run_baselines(
         sweep[lam] = val_m
         log(f"EASE lambda={lam}: val {val_m}")
         if best is None or val_m[LAMBDA_SELECTION_METRIC] > best[1][LAMBDA_SELECTION_METRIC]:
-            best = (lam, val_m, evaluate_topk(topk, test))
-    lam, val_m, test_m = best
+            best = (lam, val_m, evaluate_topk(topk, test), topk)
+    lam, val_m, test_m, topk = best
     log(f"EASE chosen lambda={lam} (by val {LAMBDA_SELECTION_METRIC}): test {test_m}")
     results["ease"] = {
         "lambda": lam,
@@ -56,9 +61,63 @@ def run_baselines(
         "val": val_m,
         "test": test_m,
         "val_sweep": sweep,
+        "topk": topk,
     }
     results["ease_lambda"] = lam
     return results
+
+
+def reciprocal_rank_fusion(model_topk: np.ndarray, ease_topk: np.ndarray, ease_weight: float, train,
+                           k: int = 100) -> np.ndarray:
+    """Top-k per user of the weighted reciprocal-rank fusion of two rankings (users x depth each,
+    best first, -1 = no item): item i scores (1 - w) / (RRF_K + r_model(i)) + w / (RRF_K + r_ease(i)),
+    ranks from 1, a list that does not hold i adds nothing; ties go to the lower item id. The
+    user's train items (CSR `train`) are left out, also where a list deeper than the unseen
+    items ends with them. Rows with fewer than k candidates are padded with -1."""
+    users = np.arange(model_topk.shape[0])
+    parts = []
+    for topk, weight in ((model_topk, 1.0 - ease_weight), (ease_topk, ease_weight)):
+        ranks = np.broadcast_to(np.arange(1, topk.shape[1] + 1), topk.shape)
+        keep = topk >= 0
+        parts.append((np.broadcast_to(users[:, None], topk.shape)[keep], topk[keep], weight / (RRF_K + ranks[keep])))
+    user, item, score = (np.concatenate(x) for x in zip(*parts))
+    train = train.tocsr()
+    seen = np.repeat(np.arange(train.shape[0], dtype=np.int64), np.diff(train.indptr)) * train.shape[1] + train.indices
+    key = user * train.shape[1] + item
+    unseen = ~np.isin(key, seen)
+    # one entry per (user, item): sum the two lists' contributions
+    pairs, where = np.unique(key[unseen], return_inverse=True)
+    score = np.bincount(where, weights=score[unseen])
+    user, item = np.divmod(pairs, train.shape[1])
+    order = np.lexsort((item, -score, user))  # by user, then score descending, then item id
+    user, item = user[order], item[order]
+    starts = np.searchsorted(user, users)
+    position = np.arange(len(user)) - starts[user]
+    fused = np.full((len(users), k), -1, dtype=np.int64)
+    keep = position < k
+    fused[user[keep], position[keep]] = item[keep]
+    return fused
+
+
+def fuse_with_ease(model_topk: np.ndarray, ease_topk: np.ndarray, train, val, test, weights: Sequence[float],
+                   k: int = 100, log: Callable[[str], None] = print) -> dict:
+    """The model's ranking fused with EASE's (reciprocal_rank_fusion), the EASE weight chosen by
+    validation Recall@20 from `weights`; test is read once, with the chosen weight. Returns the
+    chosen weight, its val and test metrics, every weight's val metrics and the fused top-k."""
+    best = None
+    sweep = {}
+    for weight in weights:
+        fused = reciprocal_rank_fusion(model_topk, ease_topk, float(weight), train, k)
+        sweep[float(weight)] = evaluate_topk(fused, val)
+        log(f"fusion with EASE, EASE weight {weight}: val {sweep[float(weight)]}")
+        if best is None or sweep[float(weight)][LAMBDA_SELECTION_METRIC] > best[1][LAMBDA_SELECTION_METRIC]:
+            best = (float(weight), sweep[float(weight)], fused)
+    weight, val_m, fused = best
+    test_m = evaluate_topk(fused, test)
+    log(f"fusion with EASE: chosen EASE weight {weight} (by val {LAMBDA_SELECTION_METRIC}): test {test_m}")
+    return {"ease_weight": weight, "selected_by": f"val {LAMBDA_SELECTION_METRIC}", "rrf_k": RRF_K,
+            "depth": int(min(model_topk.shape[1], ease_topk.shape[1])), "val": val_m, "test": test_m,
+            "val_sweep": sweep, "topk": fused}
 
 
 def format_table(rows: dict[str, dict]) -> str:

@@ -105,6 +105,12 @@ class EvaluateSection:
     splits: list = field(default_factory=lambda: ["val", "test"])
     recommendations: bool = False  # also write recommendations.jsonl (top-100 per user, train items excluded)
     baselines: bool = True  # print popularity and EASE (lambda chosen on val) beside the model
+    # Beyond the paper, off in paper mode: also report the model's ranking fused with EASE's
+    # (weighted reciprocal-rank fusion, trainer/baselines.py), the EASE weight chosen on val.
+    # Its own row; the model's row is unchanged. Needs baselines and the val split.
+    ease_fusion: bool = False
+    fusion_weights: list = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])  # EASE weights tried on val
+    fusion_depth: int = 500  # items per user taken from each ranking into the fusion
 
 
 @dataclass
@@ -232,6 +238,16 @@ def _validate(cfg: Config) -> None:
     unknown_splits = set(cfg.evaluate.splits) - {"val", "test"}
     if unknown_splits:
         raise ValueError(f"evaluate.splits: unknown split(s) {sorted(unknown_splits)}; use val and/or test")
+    if cfg.evaluate.ease_fusion:
+        if not (cfg.evaluate.baselines and "val" in cfg.evaluate.splits):
+            raise ValueError("evaluate.ease_fusion needs evaluate.baselines=true and 'val' in evaluate.splits "
+                             "(the fusion weight is chosen on validation)")
+        if not cfg.evaluate.fusion_weights or not all(0 <= w <= 1 for w in cfg.evaluate.fusion_weights):
+            raise ValueError(f"evaluate.fusion_weights must be a non-empty list of EASE weights in [0, 1], "
+                             f"got {cfg.evaluate.fusion_weights}")
+        if cfg.evaluate.fusion_depth < 100:
+            raise ValueError(f"evaluate.fusion_depth must be at least 100 (the metrics' depth), "
+                             f"got {cfg.evaluate.fusion_depth}")
     if cfg.data.bad_shards not in ("error", "skip"):
         raise ValueError(f"data.bad_shards must be 'error' or 'skip', got {cfg.data.bad_shards!r}")
     for name, value in (("data.window_shards", cfg.data.window_shards), ("run.keep_checkpoints", cfg.run.keep_checkpoints),

@@ -9,7 +9,9 @@
             every rank.
     save:   <run.dir>/metrics.json (Recall@20, Recall@40, NDCG@100 and the user count for
             val and test, and popularity's and EASE's from the same splits) and, on request,
-            <run.dir>/recommendations.jsonl
+            <run.dir>/recommendations.jsonl. With evaluate.ease_fusion (beyond the paper) also
+            the model's ranking fused with EASE's, the weight chosen on val, in metrics.json
+            under "ease_fusion" and, on request, <run.dir>/recommendations_ease_fusion.jsonl
 """
 from __future__ import annotations
 
@@ -24,10 +26,10 @@ from trainer.config import Config
 from trainer.distributed import init_distributed, seed_everything
 from trainer.engine import build_engine, build_model, load_ds_config
 from trainer.resources import ResourceReport
-from trainer.baselines import format_table, run_baselines
+from trainer.baselines import format_table, fuse_with_ease, run_baselines
 from trainer.metrics import evaluate_topk
 from trainer.model_state import load_model_state
-from trainer.ranking import rank_users, write_recommendations
+from trainer.ranking import TOP_K, rank_users, write_recommendations
 
 log = logging.getLogger("cllm4rec")
 
@@ -50,7 +52,10 @@ def main(cfg: Config) -> dict:
     log.info("evaluating %s on %d users x %d items, %d rank(s)", checkpoint, train.shape[0], train.shape[1], world)
 
     # ----- rank -----
-    topk = rank_users(engine, collator, train, cfg.evaluate.batch_size, item_block=cfg.evaluate.item_block)
+    # the fusion takes a deeper list from each ranking; the model's own top-100 is its head
+    depth = cfg.evaluate.fusion_depth if cfg.evaluate.ease_fusion else TOP_K
+    ranked = rank_users(engine, collator, train, cfg.evaluate.batch_size, k=depth, item_block=cfg.evaluate.item_block)
+    topk = ranked[:, :TOP_K]
     metrics = {name: evaluate_topk(topk, splits[name]) for name in cfg.evaluate.splits}
 
     # ----- save -----
@@ -59,13 +64,23 @@ def main(cfg: Config) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.evaluate.recommendations:
             write_recommendations(topk, run_dir / "recommendations.jsonl")
-        baselines = {}
+        baselines, fusion = {}, {}
         if cfg.evaluate.baselines:
-            base = run_baselines(train, splits["val"], splits["test"], log=log.info)
+            base = run_baselines(train, splits["val"], splits["test"], k=depth, log=log.info)
+            ease_topk = base["ease"].pop("topk")
             baselines = {"popularity": base["popularity"], f"EASE (lambda={base['ease']['lambda']})": base["ease"]}
+        if cfg.evaluate.ease_fusion:
+            fusion = fuse_with_ease(ranked, ease_topk, train, splits["val"], splits["test"], cfg.evaluate.fusion_weights,
+                                    log=log.info)
+            if cfg.evaluate.recommendations:
+                write_recommendations(fusion.pop("topk"), run_dir / "recommendations_ease_fusion.jsonl")
+            fusion.pop("topk", None)
         (run_dir / "metrics.json").write_text(json.dumps({"checkpoint": str(checkpoint), **metrics,
-                                                          "baselines": baselines}, indent=2))
+                                                          "baselines": baselines,
+                                                          **({"ease_fusion": fusion} if fusion else {})}, indent=2))
         rows = {**baselines, "CLLM4Rec": metrics}
+        if fusion:
+            rows[f"CLLM4Rec + EASE (weight {fusion['ease_weight']})"] = fusion
         for split in cfg.evaluate.splits:
             print(f"{split}:\n" + format_table({name: result[split] for name, result in rows.items()}))
         log.info("wrote %s", run_dir / "metrics.json")

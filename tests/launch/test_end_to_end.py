@@ -39,7 +39,8 @@ def run(tmp_path_factory, mini_dir):
                    capture_output=True)
     overrides = [f"model.base_dir={tmp / 'tiny'}", f"data.shards={tmp / 'shards'}", f"run.dir={tmp / 'run'}",
                  "pretrain.max_steps_per_epoch=3", "pretrain.rounds=1", "finetune.epochs=2",
-                 "finetune.max_steps_per_epoch=3", "finetune.content_epochs=true", "evaluate.recommendations=true"]
+                 "finetune.max_steps_per_epoch=3", "finetune.content_epochs=true", "evaluate.recommendations=true",
+                 "evaluate.ease_fusion=true"]
     logs = {stage: _launch(stage, overrides, env) for stage in ("pretrain", "finetune", "evaluate")}
     return tmp, logs
 
@@ -73,6 +74,23 @@ def test_metrics_file_and_recommendations_agree_with_an_independent_computation(
         for key in ("recall@20", "recall@40", "ndcg@100"):
             assert abs(metrics[split][key] - expected[key]) < 1e-6
     assert "EASE" in logs["evaluate"] and "popularity" in logs["evaluate"]
+
+
+def test_fusion_with_ease_is_chosen_on_validation_and_its_recommendations_give_its_metrics(run, mini_dir):
+    tmp, logs = run
+    fusion = json.loads((tmp / "run" / "metrics.json").read_text())["ease_fusion"]
+    sweep = {float(w): m for w, m in fusion["val_sweep"].items()}
+    assert fusion["ease_weight"] == max(sweep, key=lambda w: sweep[w]["recall@20"])
+    assert fusion["val"] == sweep[fusion["ease_weight"]] and fusion["selected_by"] == "val recall@20"
+    recs = {}
+    for line in (tmp / "run" / "recommendations_ease_fusion.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        recs[row["user"]] = row["items"]
+    for split in ("val", "test"):
+        expected = independent_metrics(recs, sp.load_npz(mini_dir / f"{split}_matrix.npz").tocsr())
+        for key in ("recall@20", "recall@40", "ndcg@100"):
+            assert abs(fusion[split][key] - expected[key]) < 1e-6
+    assert f"CLLM4Rec + EASE (weight {fusion['ease_weight']})" in logs["evaluate"]
 
 
 def test_saved_adapters_and_tables_are_non_empty_and_load_without_deepspeed(run):

@@ -12,7 +12,7 @@ import scipy.sparse as sp
 import torch
 
 from model.baselines import EASE, popularity_scores
-from trainer.baselines import format_table, run_baselines
+from trainer.baselines import format_table, fuse_with_ease, reciprocal_rank_fusion, run_baselines
 from trainer.metrics import RankingAccumulator, csr_rows, evaluate_topk, rank_all_users
 
 KEYS = ("recall@20", "recall@40", "ndcg@100")
@@ -116,3 +116,35 @@ def test_full_ease_lambda_100(full_dir):
     reference = {"recall@20": 0.1768, "recall@40": 0.2252, "ndcg@100": 0.1153}
     for key in KEYS:
         assert res[key] == pytest.approx(reference[key], abs=TOL), (key, res[key])
+
+
+def test_reciprocal_rank_fusion_hand_computed():
+    """Two users, six items; user 0 has seen item 5, which ends the model's list (a list deeper
+    than the unseen items). Scores are w_list / (60 + rank)."""
+    train = sp.csr_matrix(([1.0], ([0], [5])), shape=(2, 6))
+    model = np.array([[0, 1, 2, 5], [3, 4, -1, -1]])
+    ease = np.array([[2, 3, 0, 1], [4, 0, 3, -1]])
+    # equal weights. user 0: items 0 and 2 both score 1/61 + 1/63 (a tie: the lower id first), then
+    # item 1 (1/62 + 1/64), then item 3 (1/62 alone). User 1: item 4 (1/62 + 1/61), item 3
+    # (1/61 + 1/63), item 0 (1/62); no fourth candidate.
+    np.testing.assert_array_equal(reciprocal_rank_fusion(model, ease, 0.5, train, k=4), [[0, 2, 1, 3], [4, 3, 0, -1]])
+    # weight 0: the model's order, EASE's other items after it (score 0, by id)
+    np.testing.assert_array_equal(reciprocal_rank_fusion(model, ease, 0.0, train, k=5), [[0, 1, 2, 3, -1],
+                                                                                         [3, 4, 0, -1, -1]])
+    np.testing.assert_array_equal(reciprocal_rank_fusion(model, ease, 1.0, train, k=3), [[2, 3, 0], [4, 0, 3]])
+
+
+def test_fusion_weight_is_chosen_on_validation_and_test_is_its_ranking(mini_dir):
+    train, val, test = _load(mini_dir)
+    ease = run_baselines(train, val, test, lambdas=(50,), k=500, log=lambda _: None)["ease"]
+    assert ease["topk"].shape == (88, 500)
+    scores = torch.from_numpy(np.random.default_rng(0).random((88, 500)))  # a weak "model"
+    model = rank_all_users(lambda u: scores[u], 88, train, k=500)
+    fusion = fuse_with_ease(model, ease["topk"], train, val, test, [0.0, 0.3, 0.7, 1.0], log=lambda _: None)
+    sweep = fusion["val_sweep"]
+    assert fusion["ease_weight"] == max(sweep, key=lambda w: sweep[w]["recall@20"]) and fusion["val"] == sweep[fusion["ease_weight"]]
+    assert fusion["test"] == evaluate_topk(reciprocal_rank_fusion(model, ease["topk"], fusion["ease_weight"], train), test)
+    assert fusion["topk"].shape == (88, 100)
+    # weight 1 is EASE's own ranking; weight 0 the model's
+    assert sweep[1.0] == ease["val"] and sweep[0.0] == evaluate_topk(model, val)
+    assert sweep[0.3]["recall@20"] > sweep[0.0]["recall@20"]

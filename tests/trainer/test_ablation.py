@@ -59,3 +59,28 @@ def test_random_like_base_keeps_architecture_and_tokenizer(tmp_path):
     w_src, w_out = load_file(str(source / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert w_src.keys() == w_out.keys()
     assert not torch.equal(w_src["model.embed_tokens.weight"], w_out["model.embed_tokens.weight"])
+
+
+def test_evaluation_only_variant_evaluates_the_trained_model_and_reports_the_fusion(tmp_path, monkeypatch):
+    bench = _bench()
+    trained, run_dir = tmp_path / "default" / "seed-0", tmp_path / "ease-fusion" / "seed-0"
+    with pytest.raises(SystemExit, match="not finished; run that variant first"):
+        bench.run_one("configs/smollm2_mini.yaml", run_dir, [], trained_in=trained)
+    for stage, wall in (("pretrain", 100.0), ("finetune", 50.0)):
+        (trained / stage).mkdir(parents=True)
+        (trained / stage / "resources.json").write_text(json.dumps({"wall_s": wall}))
+    launched = []
+
+    def fake_stage(cmd, **kwargs):
+        launched.append(cmd)
+        (run_dir / "evaluate").mkdir(parents=True)
+        (run_dir / "evaluate" / "resources.json").write_text(json.dumps({"wall_s": 7.0}))
+        fusion = {"val": _run(0.3, 0)["val"], "test": _run(0.4, 0)["test"]}
+        (run_dir / "metrics.json").write_text(json.dumps({**_run(0.1, 0), "ease_fusion": fusion}))
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_stage)
+    result = bench.run_one("configs/smollm2_mini.yaml", run_dir, ["evaluate.ease_fusion=true"], trained_in=trained)
+    assert [cmd[1] for cmd in launched] == ["launch/evaluate.sh"]
+    assert f"evaluate.checkpoint={trained / 'finetune'}" in launched[0]
+    assert result["test"]["recall@20"] == 0.4 and result["val"]["recall@20"] == 0.3 and result["wall_s"] == 157.0

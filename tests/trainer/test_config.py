@@ -36,6 +36,17 @@ def test_bad_values_are_clear_errors(override, message):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["evaluate.baselines=false"], "needs evaluate.baselines=true"),
+    (["evaluate.splits=[test]"], "needs evaluate.baselines=true and 'val'"),
+    (["evaluate.fusion_weights=[0.5, 1.5]"], "EASE weights in \\[0, 1\\]"),
+    (["evaluate.fusion_depth=20"], "at least 100"),
+])
+def test_bad_ease_fusion_settings_are_clear_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, ["evaluate.ease_fusion=true", *overrides])
+
+
 def test_configuration_doc_documents_every_config_key():
     import dataclasses
 
