@@ -58,9 +58,9 @@ VARIANTS = {
     "ease-fusion": ("beyond the paper: the default's ranking fused with EASE's, weight chosen on val",
                     "smollm2", ["evaluate.ease_fusion=true"]),
 }
-# variant -> the variant whose trained model it evaluates: only its evaluate stage runs, and its
-# wall time adds that of the trained model's pretrain and finetune
-EVALUATION_ONLY = {"ease-fusion": "default"}
+# variant -> (the variant whose trained model it evaluates, the metrics.json entry it reports):
+# only its evaluate stage runs, and its wall time adds that of the trained model's stages
+EVALUATION_ONLY = {"ease-fusion": ("default", "ease_fusion")}
 
 
 def cli(*args: str) -> None:
@@ -96,10 +96,11 @@ def prepare_shards(split: str) -> Path:
     return shards
 
 
-def run_one(config: str, run_dir: Path, overrides: list[str], trained_in: Path | None = None) -> dict:
+def run_one(config: str, run_dir: Path, overrides: list[str], trained_in: Path | None = None,
+            reported: str = "") -> dict:
     """pretrain -> finetune -> evaluate of one (variant, seed); finished stages are skipped and an
     interrupted one continues from its checkpoint. With `trained_in`, only evaluate runs, on the
-    model trained there."""
+    model trained there. `reported`: the metrics.json entry to report (default: the model's)."""
     trained = trained_in or run_dir
     done_marker = {"pretrain": trained / "pretrain" / "resources.json",
                    "finetune": trained / "finetune" / "resources.json",
@@ -123,8 +124,8 @@ def run_one(config: str, run_dir: Path, overrides: list[str], trained_in: Path |
             raise SystemExit(f"bench/ablation.py: {stage} of {run_dir} failed (exit {done.returncode}); see {log_file}. "
                              "Run the same command again to continue where it stopped.")
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    if trained_in is not None:
-        metrics = metrics["ease_fusion"]
+    if reported:
+        metrics = metrics[reported]
     wall = sum(json.loads(marker.read_text())["wall_s"] for marker in done_marker.values())
     return {"val": metrics["val"], "test": metrics["test"], "wall_s": round(wall, 1)}
 
@@ -234,9 +235,10 @@ def main() -> None:
                 print(f"[ablation] {variant} seed {seed}: running in {run_dir}", flush=True)
                 overrides = [f"model.base_dir={bases[base]}", f"data.shards={shards}", f"run.dir={run_dir}",
                              f"run.seed={seed}", *switches, *args.overrides]
-                trained_in = out / EVALUATION_ONLY[variant] / f"seed-{seed}" if variant in EVALUATION_ONLY else None
+                trained_variant, reported = EVALUATION_ONLY.get(variant, (None, ""))
+                trained_in = out / trained_variant / f"seed-{seed}" if trained_variant else None
                 result = {"variant": variant, "seed": seed, "overrides": overrides,
-                          **run_one(config, run_dir, overrides, trained_in)}
+                          **run_one(config, run_dir, overrides, trained_in, reported)}
                 result_file.write_text(json.dumps(result, indent=2))
                 print(f"[ablation] {variant} seed {seed}: test recall@20 {result['test']['recall@20']:.4f} "
                       f"({time.time() - started:.0f} s)", flush=True)

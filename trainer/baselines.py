@@ -32,9 +32,11 @@ def run_baselines(
     lambdas: Sequence[float] = (1, 5, 10, 20, 50, 100, 200, 500, 1000),
     k: int = 100,
     log: Callable[[str], None] = print,
+    ease_depth: int = 0,
 ) -> dict:
-    """Popularity and EASE (lambda chosen by validation Recall@20) on val and test. The chosen
-    EASE's top-k lists (users x k) are returned too, under results["ease"]["topk"]."""
+    """Popularity and EASE (lambda chosen by validation Recall@20) on val and test. With
+    `ease_depth`, the chosen EASE's top lists that deep (users x ease_depth) are returned too,
+    under results["ease"]["topk"], ranked once after the sweep."""
     train = train.tocsr()
     results: dict = {}
 
@@ -52,8 +54,8 @@ def run_baselines(
         sweep[lam] = val_m
         log(f"EASE lambda={lam}: val {val_m}")
         if best is None or val_m[LAMBDA_SELECTION_METRIC] > best[1][LAMBDA_SELECTION_METRIC]:
-            best = (lam, val_m, evaluate_topk(topk, test), topk)
-    lam, val_m, test_m, topk = best
+            best = (lam, val_m, evaluate_topk(topk, test), ease)
+    lam, val_m, test_m, ease = best
     log(f"EASE chosen lambda={lam} (by val {LAMBDA_SELECTION_METRIC}): test {test_m}")
     results["ease"] = {
         "lambda": lam,
@@ -61,8 +63,9 @@ def run_baselines(
         "val": val_m,
         "test": test_m,
         "val_sweep": sweep,
-        "topk": topk,
     }
+    if ease_depth:
+        results["ease"]["topk"] = _rank(lambda users: torch.from_numpy(ease.score(train[users])), train, ease_depth)
     results["ease_lambda"] = lam
     return results
 
@@ -106,12 +109,12 @@ def fuse_with_ease(model_topk: np.ndarray, ease_topk: np.ndarray, train, val, te
     chosen weight, its val and test metrics, every weight's val metrics and the fused top-k."""
     best = None
     sweep = {}
-    for weight in weights:
-        fused = reciprocal_rank_fusion(model_topk, ease_topk, float(weight), train, k)
-        sweep[float(weight)] = evaluate_topk(fused, val)
-        log(f"fusion with EASE, EASE weight {weight}: val {sweep[float(weight)]}")
-        if best is None or sweep[float(weight)][LAMBDA_SELECTION_METRIC] > best[1][LAMBDA_SELECTION_METRIC]:
-            best = (float(weight), sweep[float(weight)], fused)
+    for weight in map(float, weights):
+        fused = reciprocal_rank_fusion(model_topk, ease_topk, weight, train, k)
+        sweep[weight] = evaluate_topk(fused, val)
+        log(f"fusion with EASE, EASE weight {weight}: val {sweep[weight]}")
+        if best is None or sweep[weight][LAMBDA_SELECTION_METRIC] > best[1][LAMBDA_SELECTION_METRIC]:
+            best = (weight, sweep[weight], fused)
     weight, val_m, fused = best
     test_m = evaluate_topk(fused, test)
     log(f"fusion with EASE: chosen EASE weight {weight} (by val {LAMBDA_SELECTION_METRIC}): test {test_m}")

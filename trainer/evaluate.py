@@ -66,15 +66,15 @@ def main(cfg: Config) -> dict:
             write_recommendations(topk, run_dir / "recommendations.jsonl")
         baselines, fusion = {}, {}
         if cfg.evaluate.baselines:
-            base = run_baselines(train, splits["val"], splits["test"], k=depth, log=log.info)
-            ease_topk = base["ease"].pop("topk")
+            base = run_baselines(train, splits["val"], splits["test"], log=log.info,
+                                 ease_depth=depth if cfg.evaluate.ease_fusion else 0)
             baselines = {"popularity": base["popularity"], f"EASE (lambda={base['ease']['lambda']})": base["ease"]}
         if cfg.evaluate.ease_fusion:
-            fusion = fuse_with_ease(ranked, ease_topk, train, splits["val"], splits["test"], cfg.evaluate.fusion_weights,
-                                    log=log.info)
+            fusion = fuse_with_ease(ranked, base["ease"].pop("topk"), train, splits["val"], splits["test"],
+                                    cfg.evaluate.fusion_weights, log=log.info)
+            fused = fusion.pop("topk")
             if cfg.evaluate.recommendations:
-                write_recommendations(fusion.pop("topk"), run_dir / "recommendations_ease_fusion.jsonl")
-            fusion.pop("topk", None)
+                write_recommendations(fused, run_dir / "recommendations_ease_fusion.jsonl")
         (run_dir / "metrics.json").write_text(json.dumps({"checkpoint": str(checkpoint), **metrics,
                                                           "baselines": baselines,
                                                           **({"ease_fusion": fusion} if fusion else {})}, indent=2))

@@ -136,7 +136,7 @@ def test_reciprocal_rank_fusion_hand_computed():
 
 def test_fusion_weight_is_chosen_on_validation_and_test_is_its_ranking(mini_dir):
     train, val, test = _load(mini_dir)
-    ease = run_baselines(train, val, test, lambdas=(50,), k=500, log=lambda _: None)["ease"]
+    ease = run_baselines(train, val, test, lambdas=(50,), log=lambda _: None, ease_depth=500)["ease"]
     assert ease["topk"].shape == (88, 500)
     scores = torch.from_numpy(np.random.default_rng(0).random((88, 500)))  # a weak "model"
     model = rank_all_users(lambda u: scores[u], 88, train, k=500)

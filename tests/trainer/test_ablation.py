@@ -80,7 +80,8 @@ def test_evaluation_only_variant_evaluates_the_trained_model_and_reports_the_fus
         return type("Done", (), {"returncode": 0})()
 
     monkeypatch.setattr(bench.subprocess, "run", fake_stage)
-    result = bench.run_one("configs/smollm2_mini.yaml", run_dir, ["evaluate.ease_fusion=true"], trained_in=trained)
+    result = bench.run_one("configs/smollm2_mini.yaml", run_dir, ["evaluate.ease_fusion=true"], trained_in=trained,
+                           reported="ease_fusion")
     assert [cmd[1] for cmd in launched] == ["launch/evaluate.sh"]
     assert f"evaluate.checkpoint={trained / 'finetune'}" in launched[0]
     assert result["test"]["recall@20"] == 0.4 and result["val"]["recall@20"] == 0.3 and result["wall_s"] == 157.0
