@@ -93,6 +93,9 @@ class FinetuneSection:
     adam_eps: float = 1e-8
     holdout_fraction: float = 0.2  # share of each user's train items masked out of the prompt
     target: str = "heldout"  # heldout (the paper) or all_train (the reference code)
+    # Beyond the paper, with target all_train only: the share of each user's train items left out
+    # of the prompt while all of them stay in the target (a denoising auto-encoder, as Multi-DAE)
+    prompt_dropout: float = 0.0
     select_metric: str = "recall@20"  # validation metric for model selection
     max_steps_per_epoch: int = 0
 
@@ -217,6 +220,11 @@ def _validate(cfg: Config) -> None:
         raise ValueError(f"finetune.target must be 'heldout' or 'all_train', got {cfg.finetune.target!r}")
     if not 0 < cfg.finetune.holdout_fraction < 1:
         raise ValueError(f"finetune.holdout_fraction must be in (0, 1), got {cfg.finetune.holdout_fraction}")
+    if not 0 <= cfg.finetune.prompt_dropout < 1:
+        raise ValueError(f"finetune.prompt_dropout must be in [0, 1), got {cfg.finetune.prompt_dropout}")
+    if cfg.finetune.prompt_dropout > 0 and cfg.finetune.target != "all_train":
+        raise ValueError("finetune.prompt_dropout needs finetune.target: all_train (with the held-out target "
+                         "the prompt already leaves out finetune.holdout_fraction of the items)")
     if cfg.lora.r < 0:
         raise ValueError(f"lora.r must be >= 0 (0 = paper mode), got {cfg.lora.r}")
     for name, value in (("pretrain.collab_batch_size", cfg.pretrain.collab_batch_size),

@@ -30,6 +30,8 @@ def test_unknown_key_names_the_file_and_key(tmp_path):
     ("run", "key.sub=value"),
     ("finetune.epochs=0", "at least 1"),
     ("evaluate.splits=[train]", "unknown split"),
+    ("finetune.prompt_dropout=1.0", "prompt_dropout must be in"),
+    ("finetune.prompt_dropout=0.3", "prompt_dropout needs finetune.target: all_train"),
 ])
 def test_bad_values_are_clear_errors(override, message):
     with pytest.raises((TypeError, ValueError), match=message):
