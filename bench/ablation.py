@@ -57,10 +57,13 @@ VARIANTS = {
                          ["finetune.target=all_train"]),
     "ease-fusion": ("beyond the paper: the default's ranking fused with EASE's, weight chosen on val",
                     "smollm2", ["evaluate.ease_fusion=true"]),
+    "ensemble": ("beyond the paper: the default's ranking fused with that of the default run of the next seed",
+                 "smollm2", []),
 }
-# variant -> (the variant whose trained model it evaluates, the metrics.json entry it reports):
-# only its evaluate stage runs, and its wall time adds that of the trained model's stages
-EVALUATION_ONLY = {"ease-fusion": ("default", "ease_fusion")}
+# variant -> (the variant whose trained model it evaluates, the metrics.json entry it reports, how
+# many more of that variant's runs (the next seeds, cyclically) join as evaluate.ensemble members):
+# only its evaluate stage runs, and its wall time adds that of all the trained models' stages
+EVALUATION_ONLY = {"ease-fusion": ("default", "ease_fusion", 0), "ensemble": ("default", "ensemble", 1)}
 
 
 def cli(*args: str) -> None:
@@ -97,19 +100,24 @@ def prepare_shards(split: str) -> Path:
 
 
 def run_one(config: str, run_dir: Path, overrides: list[str], trained_in: Path | None = None,
-            reported: str = "") -> dict:
+            reported: str = "", members: tuple[Path, ...] = ()) -> dict:
     """pretrain -> finetune -> evaluate of one (variant, seed); finished stages are skipped and an
     interrupted one continues from its checkpoint. With `trained_in`, only evaluate runs, on the
-    model trained there. `reported`: the metrics.json entry to report (default: the model's)."""
+    model trained there, with the models trained in `members` as its ensemble. `reported`: the
+    metrics.json entry to report (default: the model's)."""
     trained = trained_in or run_dir
     done_marker = {"pretrain": trained / "pretrain" / "resources.json",
                    "finetune": trained / "finetune" / "resources.json",
                    "evaluate": run_dir / "evaluate" / "resources.json"}
+    trained_stages = [run / stage / "resources.json" for run in members for stage in ("pretrain", "finetune")]
     if trained_in is not None:
-        if not done_marker["finetune"].is_file():
-            raise SystemExit(f"bench/ablation.py: {run_dir} evaluates the model trained in {trained_in}, "
-                             "which is not finished; run that variant first")
+        for run in (trained_in, *members):
+            if not (run / "finetune" / "resources.json").is_file():
+                raise SystemExit(f"bench/ablation.py: {run_dir} evaluates the model trained in {run}, "
+                                 "which is not finished; run that variant first")
         overrides = [*overrides, f"evaluate.checkpoint={trained_in / 'finetune'}"]
+        if members:
+            overrides.append(f"evaluate.ensemble=[{','.join(str(run / 'finetune') for run in members)}]")
     env = dict(os.environ, NPROC=os.environ.get("NPROC", "2"))
     for stage, marker in done_marker.items():
         if marker.is_file():
@@ -126,7 +134,7 @@ def run_one(config: str, run_dir: Path, overrides: list[str], trained_in: Path |
     metrics = json.loads((run_dir / "metrics.json").read_text())
     if reported:
         metrics = metrics[reported]
-    wall = sum(json.loads(marker.read_text())["wall_s"] for marker in done_marker.values())
+    wall = sum(json.loads(marker.read_text())["wall_s"] for marker in [*done_marker.values(), *trained_stages])
     return {"val": metrics["val"], "test": metrics["test"], "wall_s": round(wall, 1)}
 
 
@@ -235,10 +243,14 @@ def main() -> None:
                 print(f"[ablation] {variant} seed {seed}: running in {run_dir}", flush=True)
                 overrides = [f"model.base_dir={bases[base]}", f"data.shards={shards}", f"run.dir={run_dir}",
                              f"run.seed={seed}", *switches, *args.overrides]
-                trained_variant, reported = EVALUATION_ONLY.get(variant, (None, ""))
+                trained_variant, reported, extra = EVALUATION_ONLY.get(variant, (None, "", 0))
                 trained_in = out / trained_variant / f"seed-{seed}" if trained_variant else None
+                at = seeds.index(seed)
+                members = tuple(out / trained_variant / f"seed-{seeds[(at + j) % len(seeds)]}" for j in range(1, extra + 1))
+                if len(set(members) | {trained_in}) < extra + 1:
+                    raise SystemExit(f"bench/ablation.py: {variant} needs {extra + 1} seeds in --seeds")
                 result = {"variant": variant, "seed": seed, "overrides": overrides,
-                          **run_one(config, run_dir, overrides, trained_in, reported)}
+                          **run_one(config, run_dir, overrides, trained_in, reported, members)}
                 result_file.write_text(json.dumps(result, indent=2))
                 print(f"[ablation] {variant} seed {seed}: test recall@20 {result['test']['recall@20']:.4f} "
                       f"({time.time() - started:.0f} s)", flush=True)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Usage: bench/beauty_full.sh [key.sub=value ...]
 # A small CLLM4Rec (random 2-layer LLaMA, Llama-2 tokenizer) on the paper's full Beauty split,
-# on 2 CPU ranks: pretrain -> finetune -> evaluate. Prints test Recall@20 / Recall@40 / NDCG@100
+# on 2 CPU ranks: pretrain -> finetune (seed 0, then each of ENSEMBLE_SEEDS) -> evaluate. Prints
+# test Recall@20 / Recall@40 / NDCG@100 of the seed-0 model, the ensemble and its fusion with EASE
 # beside popularity and EASE (lambda chosen on validation), computed in the same run, then the
 # wall time and peak RSS per rank of every stage. Needs the shared data folder beside the repo.
 set -euo pipefail
@@ -18,9 +19,18 @@ if [ ! -d "$BEAUTY/full" ]; then echo "bench/beauty_full.sh: $BEAUTY/full not fo
   --tokenizers-dir "$TOKENIZERS" --hidden-size 128 --layers 2
 
 ARGS=(model.base_dir="$OUT/base" data.shards="$SHARDS" run.dir="$OUT" "$@")
+# Beyond the paper (evaluate.ensemble): models trained the same way with these other seeds rank
+# beside the seed-0 model and the rankings are fused. ENSEMBLE_SEEDS="" ranks with one model.
+ENSEMBLE_SEEDS=${ENSEMBLE_SEEDS-"1 2"}
 start=$(date +%s)
 launch/pretrain.sh configs/beauty_bench.yaml "${ARGS[@]}"
 launch/finetune.sh configs/beauty_bench.yaml "${ARGS[@]}"
-launch/evaluate.sh configs/beauty_bench.yaml "${ARGS[@]}"
+MEMBERS=()
+for seed in $ENSEMBLE_SEEDS; do
+  launch/pretrain.sh configs/beauty_bench.yaml "${ARGS[@]}" run.seed="$seed" run.dir="$OUT/seed-$seed"
+  launch/finetune.sh configs/beauty_bench.yaml "${ARGS[@]}" run.seed="$seed" run.dir="$OUT/seed-$seed"
+  MEMBERS+=("$OUT/seed-$seed/finetune")
+done
+launch/evaluate.sh configs/beauty_bench.yaml "${ARGS[@]}" "evaluate.ensemble=[$(IFS=,; echo "${MEMBERS[*]}")]"
 echo "total wall time: $(( $(date +%s) - start )) s"
 python bench/summarize.py "$OUT"

@@ -14,21 +14,39 @@ from pathlib import Path
 METRICS = ("recall@20", "recall@40", "ndcg@100")
 
 
+def model_rows(metrics: dict) -> dict:
+    """The run's model rows: its checkpoint alone, the ensemble and the fusion with EASE, if any."""
+    ensemble, fusion = metrics.get("ensemble"), metrics.get("ease_fusion")
+    name = f"CLLM4Rec ensemble of {len(ensemble['members'])}" if ensemble else "CLLM4Rec"
+    rows = {"CLLM4Rec": metrics, **({name: ensemble} if ensemble else {})}
+    if fusion:
+        rows[f"{name} + EASE (weight {fusion['ease_weight']})"] = fusion
+    return rows
+
+
+def member_runs(metrics: dict) -> list[Path]:
+    """The run folders of the ensemble's other members (each member is a finetune folder)."""
+    return [Path(m).parent for m in metrics.get("ensemble", {}).get("members", [])[1:]]
+
+
 def print_summary(run: Path) -> dict:
     metrics = json.loads((run / "metrics.json").read_text())
-    fusion = metrics.get("ease_fusion")
-    rows = {"CLLM4Rec": metrics, **({f"CLLM4Rec + EASE (weight {fusion['ease_weight']})": fusion} if fusion else {})}
+    rows = model_rows(metrics)
     for name, row in rows.items():
         for split in ("val", "test"):
             if split in row:
                 m = row[split]
                 print(f"{name} {split}: Recall@20 {m['recall@20']:.4f}  Recall@40 {m['recall@40']:.4f}  "
                       f"NDCG@100 {m['ndcg@100']:.4f}  ({m['users']} users)")
-    for stage in ("pretrain", "finetune", "evaluate"):
-        path = run / stage / "resources.json"
+    members = member_runs(metrics)
+    stages = [(run, stage) for stage in ("pretrain", "finetune")] + \
+        [(member, stage) for member in members for stage in ("pretrain", "finetune")] + [(run, "evaluate")]
+    for folder, stage in stages:
+        path = folder / stage / "resources.json"
         if path.is_file():
             r = json.loads(path.read_text())
-            print(f"{stage:>9}: {r['wall_s']:8.1f} s wall   peak RSS per rank (MB): {r['peak_rss_mb_per_rank']}")
+            name = stage if folder == run else f"{folder.name} {stage}"
+            print(f"{name:>16}: {r['wall_s']:8.1f} s wall   peak RSS per rank (MB): {r['peak_rss_mb_per_rank']}")
     return metrics
 
 
@@ -54,18 +72,20 @@ def plot(run: Path, metrics: dict) -> list[Path]:
         fig.tight_layout()
         written.append(out / "loss.png")
         fig.savefig(written[-1], dpi=120)
-    selection = run / "finetune" / "selection.json"
-    if selection.is_file():
-        history = json.loads(selection.read_text())["history"]
+    members = member_runs(metrics)
+    selections = {"seed-0" if members else "model": run / "finetune" / "selection.json",
+                  **{member.name: member / "finetune" / "selection.json" for member in members}}
+    if all(path.is_file() for path in selections.values()):
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([h["epoch"] + 1 for h in history], [h["recall@20"] for h in history], "o-")
+        for name, path in selections.items():
+            history = json.loads(path.read_text())["history"]
+            ax.plot([h["epoch"] + 1 for h in history], [h["recall@20"] for h in history], "o-", label=name)
         ax.set(title="validation Recall@20 per finetuning epoch", xlabel="epoch", ylabel="Recall@20")
+        ax.legend()
         fig.tight_layout()
         written.append(out / "val_recall.png")
         fig.savefig(written[-1], dpi=120)
-    rows = {**metrics.get("baselines", {}), "CLLM4Rec": metrics}
-    if "ease_fusion" in metrics:
-        rows["CLLM4Rec + EASE"] = metrics["ease_fusion"]
+    rows = {**metrics.get("baselines", {}), **model_rows(metrics)}
     if all("test" in row for row in rows.values()):
         fig, ax = plt.subplots(figsize=(7, 4))
         width = 0.8 / len(rows)

@@ -1,5 +1,6 @@
 """Popularity and EASE baselines under the evaluation protocol in docs/method.md, and the
-fusion of a model's ranking with EASE's (beyond the paper, `evaluate.ease_fusion`).
+fusion of rankings: several models' (beyond the paper, `evaluate.ensemble`) and a model's with
+EASE's (beyond the paper, `evaluate.ease_fusion`).
 
 Both validation and test rank items from the train history only, with only the train items
 excluded, so one top-k list per user serves both splits.
@@ -70,16 +71,16 @@ def run_baselines(
     return results
 
 
-def reciprocal_rank_fusion(model_topk: np.ndarray, ease_topk: np.ndarray, ease_weight: float, train,
+def reciprocal_rank_fusion(rankings: Sequence[np.ndarray], weights: Sequence[float], train,
                            k: int = 100) -> np.ndarray:
-    """Top-k per user of the weighted reciprocal-rank fusion of two rankings (users x depth each,
-    best first, -1 = no item): item i scores (1 - w) / (RRF_K + r_model(i)) + w / (RRF_K + r_ease(i)),
-    ranks from 1, a list that does not hold i adds nothing; ties go to the lower item id. The
-    user's train items (CSR `train`) are left out, also where a list deeper than the unseen
-    items ends with them. Rows with fewer than k candidates are padded with -1."""
-    users = np.arange(model_topk.shape[0])
+    """Top-k per user of the weighted reciprocal-rank fusion of rankings (users x depth each,
+    best first, -1 = no item): item i scores sum_j w_j / (RRF_K + r_j(i)), ranks from 1, a list
+    that does not hold i adds nothing; ties go to the lower item id. The user's train items (CSR
+    `train`) are left out, also where a list deeper than the unseen items ends with them. Rows
+    with fewer than k candidates are padded with -1."""
+    users = np.arange(rankings[0].shape[0])
     parts = []
-    for topk, weight in ((model_topk, 1.0 - ease_weight), (ease_topk, ease_weight)):
+    for topk, weight in zip(rankings, weights, strict=True):
         ranks = np.broadcast_to(np.arange(1, topk.shape[1] + 1), topk.shape)
         keep = topk >= 0
         parts.append((np.broadcast_to(users[:, None], topk.shape)[keep], topk[keep], weight / (RRF_K + ranks[keep])))
@@ -110,7 +111,7 @@ def fuse_with_ease(model_topk: np.ndarray, ease_topk: np.ndarray, train, val, te
     best = None
     sweep = {}
     for weight in map(float, weights):
-        fused = reciprocal_rank_fusion(model_topk, ease_topk, weight, train, k)
+        fused = reciprocal_rank_fusion([model_topk, ease_topk], [1.0 - weight, weight], train, k)
         sweep[weight] = evaluate_topk(fused, val)
         log(f"fusion with EASE, EASE weight {weight}: val {sweep[weight]}")
         if best is None or sweep[weight][LAMBDA_SELECTION_METRIC] > best[1][LAMBDA_SELECTION_METRIC]:
@@ -121,6 +122,12 @@ def fuse_with_ease(model_topk: np.ndarray, ease_topk: np.ndarray, train, val, te
     return {"ease_weight": weight, "selected_by": f"val {LAMBDA_SELECTION_METRIC}", "rrf_k": RRF_K,
             "depth": int(min(model_topk.shape[1], ease_topk.shape[1])), "val": val_m, "test": test_m,
             "val_sweep": sweep, "topk": fused}
+
+
+def fuse_ensemble(rankings: Sequence[np.ndarray], train, k: int) -> np.ndarray:
+    """The members' rankings fused with equal weights (reciprocal_rank_fusion): no weight to
+    choose, so validation and test are both read from the one fused list."""
+    return reciprocal_rank_fusion(rankings, [1.0 / len(rankings)] * len(rankings), train, k)
 
 
 def format_table(rows: dict[str, dict]) -> str:

@@ -78,15 +78,14 @@ def _pad_rows(rows: list[list[int]], value: int) -> torch.Tensor:
 
 class Collator:
     def __init__(self, tokenizer: IDTokenizer, seed: int, max_text_tokens: int, max_items: int,
-                 holdout_fraction: float = 0.2, rec_target: str = "heldout", prompt_dropout: float = 0.0,
-                 pack: bool = True, pack_tokens: int = 1024):
+                 holdout_fraction: float = 0.2, rec_target: str = "heldout", pack: bool = True,
+                 pack_tokens: int = 1024):
         self.tok = tokenizer
         self.seed = seed
         self.max_text_tokens = max_text_tokens
         self.max_items = max_items
         self.holdout_fraction = holdout_fraction
         self.rec_target = rec_target
-        self.prompt_dropout = prompt_dropout
         self.pack = pack
         self.pack_tokens = pack_tokens
 
@@ -160,15 +159,12 @@ class Collator:
 
     def rec(self, docs: list[dict], epoch: int) -> dict:
         """Prompt with a random 20% of the train items masked out; target: the masked items
-        (or all train items with rec_target=all_train, as in the reference code, the prompt then
-        leaving out a random `prompt_dropout` share of them)."""
+        (or all train items with rec_target=all_train, as in the reference code)."""
         histories, target_docs, target_items = [], [], []
         for row, doc in enumerate(docs):
             rng = doc_rng(self.seed, epoch, doc["pos"])
             if self.rec_target == "heldout":
                 history, heldout = holdout_split(doc["items"], self.holdout_fraction, rng)
-            elif self.prompt_dropout > 0:
-                history, heldout = holdout_split(doc["items"], self.prompt_dropout, rng)[0], doc["items"]
             else:
                 history, heldout = shuffled(doc["items"], rng), doc["items"]
             histories.append(history[: self.max_items])

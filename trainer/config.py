@@ -93,9 +93,6 @@ class FinetuneSection:
     adam_eps: float = 1e-8
     holdout_fraction: float = 0.2  # share of each user's train items masked out of the prompt
     target: str = "heldout"  # heldout (the paper) or all_train (the reference code)
-    # Beyond the paper, with target all_train only: the share of each user's train items left out
-    # of the prompt while all of them stay in the target (a denoising auto-encoder, as Multi-DAE)
-    prompt_dropout: float = 0.0
     select_metric: str = "recall@20"  # validation metric for model selection
     max_steps_per_epoch: int = 0
 
@@ -112,6 +109,12 @@ class EvaluateSection:
     # (weighted reciprocal-rank fusion, trainer/baselines.py), the EASE weight chosen on val.
     # Its own row; the model's row is unchanged. Needs baselines and the val split.
     ease_fusion: bool = False
+    # Beyond the paper, off in paper mode: finetune output folders of more models with this run's
+    # base and settings (e.g. the same stages run with other run.seed values). Each is ranked as
+    # this run's checkpoint is, and the rankings are fused with equal weights: the "ensemble"
+    # entry of metrics.json, and the ranking the EASE fusion then takes. The model's row is this
+    # run's checkpoint alone.
+    ensemble: list = field(default_factory=list)
     fusion_weights: list = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])  # EASE weights tried on val
     fusion_depth: int = 500  # items per user taken from each ranking into the fusion
 
@@ -220,11 +223,6 @@ def _validate(cfg: Config) -> None:
         raise ValueError(f"finetune.target must be 'heldout' or 'all_train', got {cfg.finetune.target!r}")
     if not 0 < cfg.finetune.holdout_fraction < 1:
         raise ValueError(f"finetune.holdout_fraction must be in (0, 1), got {cfg.finetune.holdout_fraction}")
-    if not 0 <= cfg.finetune.prompt_dropout < 1:
-        raise ValueError(f"finetune.prompt_dropout must be in [0, 1), got {cfg.finetune.prompt_dropout}")
-    if cfg.finetune.prompt_dropout > 0 and cfg.finetune.target != "all_train":
-        raise ValueError("finetune.prompt_dropout needs finetune.target: all_train (with the held-out target "
-                         "the prompt already leaves out finetune.holdout_fraction of the items)")
     if cfg.lora.r < 0:
         raise ValueError(f"lora.r must be >= 0 (0 = paper mode), got {cfg.lora.r}")
     for name, value in (("pretrain.collab_batch_size", cfg.pretrain.collab_batch_size),

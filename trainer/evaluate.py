@@ -11,7 +11,9 @@
             val and test, and popularity's and EASE's from the same splits) and, on request,
             <run.dir>/recommendations.jsonl. With evaluate.ease_fusion (beyond the paper) also
             the model's ranking fused with EASE's, the weight chosen on val, in metrics.json
-            under "ease_fusion" and, on request, <run.dir>/recommendations_ease_fusion.jsonl
+            under "ease_fusion" and, on request, <run.dir>/recommendations_ease_fusion.jsonl.
+            With evaluate.ensemble (beyond the paper) the listed checkpoints are ranked too and
+            the rankings fused: "ensemble" and recommendations_ensemble.jsonl
 """
 from __future__ import annotations
 
@@ -26,12 +28,24 @@ from trainer.config import Config
 from trainer.distributed import init_distributed, seed_everything
 from trainer.engine import build_engine, build_model, load_ds_config
 from trainer.resources import ResourceReport
-from trainer.baselines import format_table, fuse_with_ease, run_baselines
+from trainer.baselines import RRF_K, format_table, fuse_ensemble, fuse_with_ease, run_baselines
 from trainer.metrics import evaluate_topk
 from trainer.model_state import load_model_state
 from trainer.ranking import TOP_K, rank_users, write_recommendations
 
 log = logging.getLogger("cllm4rec")
+
+def check_ensemble(checkpoint: Path, members: list) -> None:
+    """Before any ranking: every member is a saved model state, and none is counted twice."""
+    folders = [checkpoint.resolve(), *(Path(m).resolve() for m in members)]
+    if len(set(folders)) < len(folders):
+        raise ValueError(f"evaluate.ensemble {members} repeats a checkpoint (this run's is {checkpoint}); "
+                         "list each other model once")
+    missing = [m for m in members if not (Path(m) / "model_state.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"evaluate.ensemble: {missing} hold no saved model state (model_state.json); "
+                                "list finetune output folders of finished runs")
+
 
 def main(cfg: Config) -> dict:
     # ----- setup -----
@@ -40,6 +54,7 @@ def main(cfg: Config) -> dict:
     seed_everything(cfg.run.seed)
     run_dir = Path(cfg.run.dir)
     checkpoint = Path(cfg.evaluate.checkpoint or run_dir / "finetune")
+    check_ensemble(checkpoint, cfg.evaluate.ensemble)
     index = load_index(cfg.data.shards)
     ds_config = load_ds_config(cfg.run.deepspeed, cfg.evaluate.batch_size)
     model, tokenizer = build_model(cfg, ds_config, index["num_users"], index["num_items"])
@@ -57,6 +72,12 @@ def main(cfg: Config) -> dict:
     ranked = rank_users(engine, collator, train, cfg.evaluate.batch_size, k=depth, item_block=cfg.evaluate.item_block)
     topk = ranked[:, :TOP_K]
     metrics = {name: evaluate_topk(topk, splits[name]) for name in cfg.evaluate.splits}
+    members = [ranked]
+    for member in cfg.evaluate.ensemble:  # the same base and engine, the member's tables and adapters
+        log.info("ranking with ensemble member %s", member)
+        load_model_state(model, Path(member))
+        members.append(rank_users(engine, collator, train, cfg.evaluate.batch_size, k=depth,
+                                  item_block=cfg.evaluate.item_block))
 
     # ----- save -----
     resources.write(run_dir / "evaluate")
@@ -64,7 +85,13 @@ def main(cfg: Config) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.evaluate.recommendations:
             write_recommendations(topk, run_dir / "recommendations.jsonl")
-        baselines, fusion = {}, {}
+        baselines, fusion, ensemble = {}, {}, {}
+        if cfg.evaluate.ensemble:
+            ranked = fuse_ensemble(members, train, depth)  # the EASE fusion below takes the ensemble's ranking
+            ensemble = {"members": [str(checkpoint), *cfg.evaluate.ensemble], "rrf_k": RRF_K, "depth": depth,
+                        **{name: evaluate_topk(ranked[:, :TOP_K], splits[name]) for name in cfg.evaluate.splits}}
+            if cfg.evaluate.recommendations:
+                write_recommendations(ranked[:, :TOP_K], run_dir / "recommendations_ensemble.jsonl")
         if cfg.evaluate.baselines:
             base = run_baselines(train, splits["val"], splits["test"], log=log.info,
                                  ease_depth=depth if cfg.evaluate.ease_fusion else 0)
@@ -77,10 +104,12 @@ def main(cfg: Config) -> dict:
                 write_recommendations(fused, run_dir / "recommendations_ease_fusion.jsonl")
         (run_dir / "metrics.json").write_text(json.dumps({"checkpoint": str(checkpoint), **metrics,
                                                           "baselines": baselines,
+                                                          **({"ensemble": ensemble} if ensemble else {}),
                                                           **({"ease_fusion": fusion} if fusion else {})}, indent=2))
-        rows = {**baselines, "CLLM4Rec": metrics}
+        model_name = f"CLLM4Rec ensemble of {len(members)}" if ensemble else "CLLM4Rec"
+        rows = {**baselines, "CLLM4Rec": metrics, **({model_name: ensemble} if ensemble else {})}
         if fusion:
-            rows[f"CLLM4Rec + EASE (weight {fusion['ease_weight']})"] = fusion
+            rows[f"{model_name} + EASE (weight {fusion['ease_weight']})"] = fusion
         for split in cfg.evaluate.splits:
             print(f"{split}:\n" + format_table({name: result[split] for name, result in rows.items()}))
         log.info("wrote %s", run_dir / "metrics.json")

@@ -53,8 +53,7 @@ def main(cfg: Config) -> Path:
     optimizers, schedule = Optimizers.build(model, f, total_steps)
     engine = build_engine(model, ds_config, optimizers.module, schedule)
     resources.setup_done()
-    collator = Collator.from_config(tokenizer, cfg, holdout_fraction=f.holdout_fraction, rec_target=f.target,
-                                     prompt_dropout=f.prompt_dropout)
+    collator = Collator.from_config(tokenizer, cfg, holdout_fraction=f.holdout_fraction, rec_target=f.target)
     train, val_items = load_split(cfg.data.shards, "train"), load_split(cfg.data.shards, "val")
     if rank == 0:
         cfg.dump(out_dir / "config.json")

@@ -145,3 +145,38 @@ def test_export_then_recommend_without_deepspeed_equals_evaluate(run):
                            "40,3", "--k", "5"], env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert some.stdout.splitlines() == [json.dumps({"user": u, "items": json.loads(served[u])["items"][:5]})
                                         for u in (3, 40)]
+
+
+def _recommendations(path) -> np.ndarray:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    out = np.full((len(rows), 100), -1, dtype=np.int64)
+    for row in rows:
+        out[row["user"], :len(row["items"])] = row["items"]
+    return out
+
+
+def test_ensemble_fuses_the_members_rankings_and_keeps_the_model_row(run, mini_dir):
+    """The pretrained state as a second member: evaluate's ensemble list equals the equal-weight
+    fusion of the two checkpoints' own lists, each written by its own evaluate run."""
+    from trainer.baselines import fuse_ensemble
+
+    tmp, _ = run
+    env = launcher_env(NPROC="2")
+    common = [f"model.base_dir={tmp / 'tiny'}", f"data.shards={tmp / 'shards'}", "evaluate.recommendations=true",
+              "evaluate.baselines=false"]
+    _launch("evaluate", [*common, f"run.dir={tmp / 'pre'}", f"evaluate.checkpoint={tmp / 'run' / 'pretrain'}"], env)
+    log = _launch("evaluate", [*common, f"run.dir={tmp / 'ens'}", f"evaluate.checkpoint={tmp / 'run' / 'finetune'}",
+                               f"evaluate.ensemble=[{tmp / 'run' / 'pretrain'}]"], env)
+    train = sp.load_npz(mini_dir / "train_matrix.npz").tocsr()
+    members = [_recommendations(tmp / "run" / "recommendations.jsonl"), _recommendations(tmp / "pre" / "recommendations.jsonl")]
+    fused = _recommendations(tmp / "ens" / "recommendations_ensemble.jsonl")
+    np.testing.assert_array_equal(fused, fuse_ensemble(members, train, 100))
+    assert not np.array_equal(fused, members[0]) and not np.array_equal(fused, members[1])
+    metrics, alone = (json.loads((tmp / d / "metrics.json").read_text()) for d in ("ens", "run"))
+    assert metrics["test"] == alone["test"]  # the model's row is the run's own checkpoint
+    recs = {user: [int(i) for i in row if i >= 0] for user, row in enumerate(fused)}
+    for split in ("val", "test"):
+        expected = independent_metrics(recs, sp.load_npz(mini_dir / f"{split}_matrix.npz").tocsr())
+        for key in ("recall@20", "recall@40", "ndcg@100"):
+            assert abs(metrics["ensemble"][split][key] - expected[key]) < 1e-6
+    assert "CLLM4Rec ensemble of 2" in log

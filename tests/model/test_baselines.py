@@ -12,7 +12,7 @@ import scipy.sparse as sp
 import torch
 
 from model.baselines import EASE, popularity_scores
-from trainer.baselines import format_table, fuse_with_ease, reciprocal_rank_fusion, run_baselines
+from trainer.baselines import format_table, fuse_ensemble, fuse_with_ease, reciprocal_rank_fusion, run_baselines
 from trainer.metrics import RankingAccumulator, csr_rows, evaluate_topk, rank_all_users
 
 KEYS = ("recall@20", "recall@40", "ndcg@100")
@@ -127,11 +127,23 @@ def test_reciprocal_rank_fusion_hand_computed():
     # equal weights. user 0: items 0 and 2 both score 1/61 + 1/63 (a tie: the lower id first), then
     # item 1 (1/62 + 1/64), then item 3 (1/62 alone). User 1: item 4 (1/62 + 1/61), item 3
     # (1/61 + 1/63), item 0 (1/62); no fourth candidate.
-    np.testing.assert_array_equal(reciprocal_rank_fusion(model, ease, 0.5, train, k=4), [[0, 2, 1, 3], [4, 3, 0, -1]])
+    np.testing.assert_array_equal(reciprocal_rank_fusion([model, ease], [0.5, 0.5], train, k=4), [[0, 2, 1, 3], [4, 3, 0, -1]])
     # weight 0: the model's order, EASE's other items after it (score 0, by id)
-    np.testing.assert_array_equal(reciprocal_rank_fusion(model, ease, 0.0, train, k=5), [[0, 1, 2, 3, -1],
+    np.testing.assert_array_equal(reciprocal_rank_fusion([model, ease], [1.0, 0.0], train, k=5), [[0, 1, 2, 3, -1],
                                                                                          [3, 4, 0, -1, -1]])
-    np.testing.assert_array_equal(reciprocal_rank_fusion(model, ease, 1.0, train, k=3), [[2, 3, 0], [4, 0, 3]])
+    np.testing.assert_array_equal(reciprocal_rank_fusion([model, ease], [0.0, 1.0], train, k=3), [[2, 3, 0], [4, 0, 3]])
+
+
+def test_ensemble_fusion_hand_computed():
+    """Three members, equal weights 1/3. Item 1: ranks 2, 1, 1; item 0: 1, 2; item 2: 3, 2;
+    items 3 and 4: rank 3 once each (a tie: the lower id first)."""
+    members = [np.array([[0, 1, 2]]), np.array([[1, 0, 3]]), np.array([[1, 2, 4]])]
+    nothing_seen = sp.csr_matrix((1, 6))
+    np.testing.assert_array_equal(fuse_ensemble(members, nothing_seen, k=6), [[1, 0, 2, 3, 4, -1]])
+    seen_1 = sp.csr_matrix(([1.0], ([0], [1])), shape=(1, 6))
+    np.testing.assert_array_equal(fuse_ensemble(members, seen_1, k=3), [[0, 2, 3]])
+    # one member: its own ranking
+    np.testing.assert_array_equal(fuse_ensemble(members[:1], nothing_seen, k=3), members[0])
 
 
 def test_fusion_weight_is_chosen_on_validation_and_test_is_its_ranking(mini_dir):
@@ -143,7 +155,7 @@ def test_fusion_weight_is_chosen_on_validation_and_test_is_its_ranking(mini_dir)
     fusion = fuse_with_ease(model, ease["topk"], train, val, test, [0.0, 0.3, 0.7, 1.0], log=lambda _: None)
     sweep = fusion["val_sweep"]
     assert fusion["ease_weight"] == max(sweep, key=lambda w: sweep[w]["recall@20"]) and fusion["val"] == sweep[fusion["ease_weight"]]
-    assert fusion["test"] == evaluate_topk(reciprocal_rank_fusion(model, ease["topk"], fusion["ease_weight"], train), test)
+    assert fusion["test"] == evaluate_topk(reciprocal_rank_fusion([model, ease["topk"]], [1 - fusion["ease_weight"], fusion["ease_weight"]], train), test)
     assert fusion["topk"].shape == (88, 100)
     # weight 1 is EASE's own ranking; weight 0 the model's
     assert sweep[1.0] == ease["val"] and sweep[0.0] == evaluate_topk(model, val)

@@ -85,3 +85,30 @@ def test_evaluation_only_variant_evaluates_the_trained_model_and_reports_the_fus
     assert [cmd[1] for cmd in launched] == ["launch/evaluate.sh"]
     assert f"evaluate.checkpoint={trained / 'finetune'}" in launched[0]
     assert result["test"]["recall@20"] == 0.4 and result["val"]["recall@20"] == 0.3 and result["wall_s"] == 157.0
+
+
+def test_ensemble_variant_names_its_members_and_counts_their_training_time(tmp_path, monkeypatch):
+    bench = _bench()
+    trained, member, run_dir = (tmp_path / "default" / "seed-0", tmp_path / "default" / "seed-1",
+                                tmp_path / "ensemble" / "seed-0")
+    for run in (trained, member):
+        for stage, wall in (("pretrain", 100.0), ("finetune", 50.0)):
+            (run / stage).mkdir(parents=True)
+            (run / stage / "resources.json").write_text(json.dumps({"wall_s": wall}))
+    with pytest.raises(SystemExit, match="seed-2, which is not finished"):
+        bench.run_one("configs/smollm2_mini.yaml", run_dir, [], trained_in=trained,
+                      members=(tmp_path / "default" / "seed-2",))
+    launched = []
+
+    def fake_stage(cmd, **kwargs):
+        launched.append(cmd)
+        (run_dir / "evaluate").mkdir(parents=True)
+        (run_dir / "evaluate" / "resources.json").write_text(json.dumps({"wall_s": 7.0}))
+        (run_dir / "metrics.json").write_text(json.dumps({**_run(0.1, 0), "ensemble": _run(0.2, 0)}))
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_stage)
+    result = bench.run_one("configs/smollm2_mini.yaml", run_dir, [], trained_in=trained, reported="ensemble",
+                           members=(member,))
+    assert f"evaluate.ensemble=[{member / 'finetune'}]" in launched[0]
+    assert result["test"]["recall@20"] == 0.2 and result["wall_s"] == 307.0

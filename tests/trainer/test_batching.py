@@ -82,20 +82,6 @@ def test_rec_target_all_train_as_in_the_reference_code():
     assert sorted(batch["target_items"].tolist()) == [1, 4, 8] and batch["target_docs"].tolist() == [0, 0, 0]
 
 
-def test_prompt_dropout_leaves_items_out_of_the_prompt_but_not_the_target():
-    tok, col = _setup(rec_target="all_train", prompt_dropout=0.5)
-    doc = [{"user": 3, "items": list(range(10)), "pos": 0}]
-    prompts = []
-    for epoch in range(4):
-        batch = col.rec(doc, epoch=epoch)
-        prompt = {t - tok.item_offset for t in batch["input_ids"][0].tolist() if t >= tok.item_offset}
-        assert len(prompt) == 5 and prompt < set(range(10))
-        assert sorted(batch["target_items"].tolist()) == list(range(10))
-        assert [i for i in batch["reg_items"][0].tolist() if i >= 0] == sorted(prompt)
-        prompts.append(frozenset(prompt))
-    assert len(set(prompts)) > 1  # a fresh draw each epoch
-
-
 def test_score_prompt_lists_all_train_items_in_a_fixed_order():
     tok, col = _setup()
     a = col.score([3], [[1, 4, 8, 9]])

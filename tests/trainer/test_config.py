@@ -30,8 +30,6 @@ def test_unknown_key_names_the_file_and_key(tmp_path):
     ("run", "key.sub=value"),
     ("finetune.epochs=0", "at least 1"),
     ("evaluate.splits=[train]", "unknown split"),
-    ("finetune.prompt_dropout=1.0", "prompt_dropout must be in"),
-    ("finetune.prompt_dropout=0.3", "prompt_dropout needs finetune.target: all_train"),
 ])
 def test_bad_values_are_clear_errors(override, message):
     with pytest.raises((TypeError, ValueError), match=message):
@@ -74,3 +72,19 @@ def test_every_deepspeed_config_is_valid_commented_and_documented():
         assert ds.get("_comment"), f"{path.name} has no _comment"
         DeepSpeedZeroConfig(**ds["zero_optimization"])  # rejects unknown or misspelled keys
         assert f"`{path.name}`" in readme, f"docs/configuration.md says nothing about {path.name}"
+
+
+def test_ensemble_members_are_checked_before_any_ranking(tmp_path):
+    from trainer.evaluate import check_ensemble
+
+    own, other = tmp_path / "run" / "finetune", tmp_path / "seed-1" / "finetune"
+    for folder in (own, other):
+        folder.mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="seed-1/finetune'\\] hold no saved model state"):
+        check_ensemble(own, [str(other)])
+    (other / "model_state.json").write_text("{}")
+    check_ensemble(own, [str(other)])
+    with pytest.raises(ValueError, match="repeats a checkpoint"):
+        check_ensemble(own, [str(other), str(tmp_path / "seed-1" / "." / "finetune")])
+    with pytest.raises(ValueError, match="repeats a checkpoint"):
+        check_ensemble(own, [str(own)])
