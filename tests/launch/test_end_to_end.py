@@ -156,24 +156,23 @@ def _recommendations(path) -> np.ndarray:
 
 
 def test_ensemble_fuses_the_members_rankings_and_keeps_the_model_row(run, mini_dir):
-    """The pretrained state as a second member: evaluate's ensemble list equals the equal-weight
-    fusion of the two checkpoints' own lists, each written by its own evaluate run."""
+    """One evaluate of the pretrained state with the finetuned one as a second member: its own
+    list is the pretrained model's alone, and its ensemble list equals the equal-weight fusion of
+    that list with the finetuned model's (written by the run's own evaluate)."""
     from trainer.baselines import fuse_ensemble
 
     tmp, _ = run
-    env = launcher_env(NPROC="2")
-    common = [f"model.base_dir={tmp / 'tiny'}", f"data.shards={tmp / 'shards'}", "evaluate.recommendations=true",
-              "evaluate.baselines=false"]
-    _launch("evaluate", [*common, f"run.dir={tmp / 'pre'}", f"evaluate.checkpoint={tmp / 'run' / 'pretrain'}"], env)
-    log = _launch("evaluate", [*common, f"run.dir={tmp / 'ens'}", f"evaluate.checkpoint={tmp / 'run' / 'finetune'}",
-                               f"evaluate.ensemble=[{tmp / 'run' / 'pretrain'}]"], env)
+    log = _launch("evaluate", [f"model.base_dir={tmp / 'tiny'}", f"data.shards={tmp / 'shards'}",
+                               f"run.dir={tmp / 'ens'}", "evaluate.recommendations=true", "evaluate.baselines=false",
+                               f"evaluate.checkpoint={tmp / 'run' / 'pretrain'}",
+                               f"evaluate.ensemble=[{tmp / 'run' / 'finetune'}]"], launcher_env(NPROC="2"))
     train = sp.load_npz(mini_dir / "train_matrix.npz").tocsr()
-    members = [_recommendations(tmp / "run" / "recommendations.jsonl"), _recommendations(tmp / "pre" / "recommendations.jsonl")]
+    members = [_recommendations(tmp / "ens" / "recommendations.jsonl"), _recommendations(tmp / "run" / "recommendations.jsonl")]
     fused = _recommendations(tmp / "ens" / "recommendations_ensemble.jsonl")
     np.testing.assert_array_equal(fused, fuse_ensemble(members, train, 100))
     assert not np.array_equal(fused, members[0]) and not np.array_equal(fused, members[1])
-    metrics, alone = (json.loads((tmp / d / "metrics.json").read_text()) for d in ("ens", "run"))
-    assert metrics["test"] == alone["test"]  # the model's row is the run's own checkpoint
+    metrics = json.loads((tmp / "ens" / "metrics.json").read_text())
+    assert metrics["checkpoint"] == str(tmp / "run" / "pretrain")
     recs = {user: [int(i) for i in row if i >= 0] for user, row in enumerate(fused)}
     for split in ("val", "test"):
         expected = independent_metrics(recs, sp.load_npz(mini_dir / f"{split}_matrix.npz").tocsr())
