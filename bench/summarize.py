@@ -11,17 +11,9 @@ import json
 import sys
 from pathlib import Path
 
+from trainer.baselines import model_rows
+
 METRICS = ("recall@20", "recall@40", "ndcg@100")
-
-
-def model_rows(metrics: dict) -> dict:
-    """The run's model rows: its checkpoint alone, the ensemble and the fusion with EASE, if any."""
-    ensemble, fusion = metrics.get("ensemble"), metrics.get("ease_fusion")
-    name = f"CLLM4Rec ensemble of {len(ensemble['members'])}" if ensemble else "CLLM4Rec"
-    rows = {"CLLM4Rec": metrics, **({name: ensemble} if ensemble else {})}
-    if fusion:
-        rows[f"{name} + EASE (weight {fusion['ease_weight']})"] = fusion
-    return rows
 
 
 def member_runs(metrics: dict) -> list[Path]:

@@ -130,6 +130,17 @@ def fuse_ensemble(rankings: Sequence[np.ndarray], train, k: int) -> np.ndarray:
     return reciprocal_rank_fusion(rankings, [1.0 / len(rankings)] * len(rankings), train, k)
 
 
+def model_rows(result: dict) -> dict[str, dict]:
+    """A metrics.json's model rows by display name: the checkpoint alone ("CLLM4Rec", the
+    result's own val/test), the ensemble and the fusion with EASE, where the result has them."""
+    ensemble, fusion = result.get("ensemble"), result.get("ease_fusion")
+    name = f"CLLM4Rec ensemble of {len(ensemble['members'])}" if ensemble else "CLLM4Rec"
+    rows = {"CLLM4Rec": result, **({name: ensemble} if ensemble else {})}
+    if fusion:
+        rows[f"{name} + EASE (weight {fusion['ease_weight']})"] = fusion
+    return rows
+
+
 def format_table(rows: dict[str, dict]) -> str:
     """Aligned text table of Recall@20 / Recall@40 / NDCG@100, one row per model name."""
     cols = [("Recall@20", "recall@20"), ("Recall@40", "recall@40"), ("NDCG@100", "ndcg@100")]

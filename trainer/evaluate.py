@@ -28,7 +28,7 @@ from trainer.config import Config
 from trainer.distributed import init_distributed, seed_everything
 from trainer.engine import build_engine, build_model, load_ds_config
 from trainer.resources import ResourceReport
-from trainer.baselines import RRF_K, format_table, fuse_ensemble, fuse_with_ease, run_baselines
+from trainer.baselines import RRF_K, format_table, fuse_ensemble, fuse_with_ease, model_rows, run_baselines
 from trainer.metrics import evaluate_topk
 from trainer.model_state import load_model_state
 from trainer.ranking import TOP_K, rank_users, write_recommendations
@@ -102,14 +102,10 @@ def main(cfg: Config) -> dict:
             fused = fusion.pop("topk")
             if cfg.evaluate.recommendations:
                 write_recommendations(fused, run_dir / "recommendations_ease_fusion.jsonl")
-        (run_dir / "metrics.json").write_text(json.dumps({"checkpoint": str(checkpoint), **metrics,
-                                                          "baselines": baselines,
-                                                          **({"ensemble": ensemble} if ensemble else {}),
-                                                          **({"ease_fusion": fusion} if fusion else {})}, indent=2))
-        model_name = f"CLLM4Rec ensemble of {len(members)}" if ensemble else "CLLM4Rec"
-        rows = {**baselines, "CLLM4Rec": metrics, **({model_name: ensemble} if ensemble else {})}
-        if fusion:
-            rows[f"{model_name} + EASE (weight {fusion['ease_weight']})"] = fusion
+        result = {"checkpoint": str(checkpoint), **metrics, "baselines": baselines,
+                  **({"ensemble": ensemble} if ensemble else {}), **({"ease_fusion": fusion} if fusion else {})}
+        (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+        rows = {**baselines, **model_rows(result)}
         for split in cfg.evaluate.splits:
             print(f"{split}:\n" + format_table({name: result[split] for name, result in rows.items()}))
         log.info("wrote %s", run_dir / "metrics.json")

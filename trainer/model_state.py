@@ -66,7 +66,8 @@ def save_model_state(model: CLLM4Rec, out_dir: Path, rank: int) -> None:
 
 
 def load_model_state(model: CLLM4Rec, state_dir: Path) -> None:
-    """Copy a saved state into a freshly built (not yet DeepSpeed-wrapped) model."""
+    """Copy a saved state into a built model: before DeepSpeed wraps it, or, for evaluation only
+    (no optimizer holding copies), after, as evaluate does for its ensemble members."""
     state_dir = Path(state_dir)
     meta_path = state_dir / "model_state.json"
     if not meta_path.is_file():
