@@ -33,15 +33,18 @@ sys.path.insert(0, str(REPO))
 BEAUTY = REPO.parent / "shared" / "data" / "amazon_beauty_cllm4rec"
 METRICS = ("recall@20", "recall@40", "ndcg@100")
 
-# split -> (the schedule every variant of it shares, CLLM4Rec-format data folder, build-shards text options)
+# split -> (the config every variant of it shares, the schedule's overrides of that config,
+# CLLM4Rec-format data folder, build-shards text options)
 SPLITS = {
-    "mini": ("configs/smollm2_mini.yaml", BEAUTY / "mini", []),
+    "mini": ("configs/smollm2_mini.yaml", [], BEAUTY / "mini", []),
     # 651 users, 1,000 items: item texts for every item, reviews for 88 of the users, keyed to the
-    # full split's ids and re-keyed through the subset's id_map.json.
-    "subset651": ("configs/smollm2_mini.yaml", BEAUTY / "derived" / "subset_651u_1000i_aligned",
+    # full split's ids and re-keyed through the subset's id_map.json. Its finetuning epochs are 41
+    # steps, not mini's 6, so 2 of them keep a SmolLM2 run near a quarter of an hour.
+    "subset651": ("configs/smollm2_mini.yaml", ["finetune.epochs=2"],
+                  BEAUTY / "derived" / "subset_651u_1000i_aligned",
                   ["--texts-original-ids", str(BEAUTY / "derived")]),
     # The paper's full split, for a GPU (bf16, one GPU per run; docs/benchmarks.md has the estimate).
-    "full": ("configs/smollm2_beauty_gpu.yaml", BEAUTY / "full", ["--texts", str(BEAUTY / "derived")]),
+    "full": ("configs/smollm2_beauty_gpu.yaml", [], BEAUTY / "full", ["--texts", str(BEAUTY / "derived")]),
 }
 
 # variant -> (what it changes, base, config overrides); "default" is the reference row.
@@ -90,7 +93,7 @@ def prepare_bases(out: Path, needed: set[str]) -> dict[str, Path]:
 
 
 def prepare_shards(split: str) -> Path:
-    _, data, texts = SPLITS[split]
+    _, _, data, texts = SPLITS[split]
     if not data.is_dir():
         raise SystemExit(f"bench/ablation.py: {data} not found (the shared data folder beside the repository)")
     shards = REPO / "runs" / f"shards-{split}"
@@ -167,7 +170,8 @@ def write_report(out: Path, split: str, rows: list[dict], baselines: dict) -> No
         for name, result in baselines.items():
             writer.writerow([name, 0, *[f"{v:.4f}" for c in columns
                                         for v in (result[c.split()[0]][c.split()[1]], 0.0)], "", ""])
-    lines = [f"Ablation on `{split}` ({SPLITS[split][0]}), mean ± std over seeds; wall time per run.", "",
+    config, schedule, _, _ = SPLITS[split]
+    lines = [f"Ablation on `{split}` ({' '.join([config, *schedule])}), mean ± std over seeds; wall time per run.", "",
              "| variant | what changes | seeds | " + " | ".join(columns) + " | wall time |",
              "|---|---|---|" + "---|" * len(columns) + "---|"]
     for row in rows:
@@ -225,7 +229,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     out = Path(args.out or REPO / "runs" / f"ablation-{args.split}")
     out.mkdir(parents=True, exist_ok=True)
-    config = SPLITS[args.split][0]
+    config, schedule, _, _ = SPLITS[args.split]
     shards = prepare_shards(args.split)
 
     results: dict[str, list[dict]] = {}
@@ -242,7 +246,7 @@ def main() -> None:
                 started = time.time()
                 print(f"[ablation] {variant} seed {seed}: running in {run_dir}", flush=True)
                 overrides = [f"model.base_dir={bases[base]}", f"data.shards={shards}", f"run.dir={run_dir}",
-                             f"run.seed={seed}", *switches, *args.overrides]
+                             f"run.seed={seed}", *schedule, *switches, *args.overrides]
                 trained_variant, reported, extra = EVALUATION_ONLY.get(variant, (None, "", 0))
                 trained_in = out / trained_variant / f"seed-{seed}" if trained_variant else None
                 at = seeds.index(seed)

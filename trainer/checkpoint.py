@@ -168,8 +168,9 @@ class Checkpointer:
     any) or a checkpoint folder."""
 
     def __init__(self, engine, stage_dir: Path, save_every_steps: int, keep: int, config: dict,
-                 table_optimizer=None):
+                 table_optimizer=None, stage_clock=None):
         self.engine = engine
+        self.stage_clock = stage_clock  # () -> the stage's wall time so far, kept in each checkpoint's progress
         self.table_optimizer = table_optimizer  # trainer.optim.ShardAdam with model.id_tables=sharded
         if engine.module.sharded_tables and table_optimizer is None:
             raise ValueError("sharded ID tables: the Checkpointer needs their optimizer (Optimizers.shards), or "
@@ -305,15 +306,20 @@ class Checkpointer:
             return
         if self.stopping or self.due(step):
             reader_state = epoch.reader.state(epoch.number, progress.next_step, epoch.num_workers)
-            path = self.save(step, progress.to_dict(), reader_state)
+            path = self.save(step, self._stamped(progress), reader_state)
             if self.stopping:
                 raise Preempted(path)
 
     def epoch_end(self, step: int, progress) -> None:
         """Collective, after a plan entry and whatever follows it (validation): always saves."""
-        path = self.save(step, progress.to_dict(), None)
+        path = self.save(step, self._stamped(progress), None)
         if self.stopping:
             raise Preempted(path)
+
+    def _stamped(self, progress) -> dict:
+        if self.stage_clock is not None:
+            progress.wall_s = round(self.stage_clock(), 1)
+        return progress.to_dict()
 
     # ------------------------------------------------------------------ resume
 

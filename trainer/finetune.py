@@ -62,10 +62,11 @@ def main(cfg: Config) -> Path:
 
     batchers = {"rec": collator.rec, "content": collator.content}
     checkpoints = Checkpointer(engine, out_dir, cfg.run.save_every_steps, cfg.run.keep_checkpoints, cfg.to_dict(),
-                               optimizers.shards)
+                               optimizers.shards, stage_clock=resources.elapsed)
     resume_from = checkpoints.find(cfg.run.resume)
     state = checkpoints.load(resume_from) if resume_from else None
     progress = Progress.from_dict(state["progress"]) if state else Progress()
+    resources.resumed_after(progress.wall_s)
     if state and progress.plan_index < len(plan):
         epoch_number, stream = plan[progress.plan_index]
         log.info("resuming at finetune %d %s step %d", epoch_number + 1, stream, progress.next_step)

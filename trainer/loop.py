@@ -109,6 +109,7 @@ class Progress:
     epochs_done: dict = field(default_factory=lambda: dict.fromkeys(MODELS, 0))  # pretrain: per model (= its stream)
     best: dict | None = None  # finetune: the best validation result so far
     history: list = field(default_factory=list)  # finetune: every epoch's validation result
+    wall_s: float = 0.0  # the stage's wall time at this checkpoint, over every process that ran it
 
     @classmethod
     def from_dict(cls, saved: dict) -> "Progress":

@@ -55,10 +55,11 @@ def main(cfg: Config) -> Path:
     collator = Collator.from_config(tokenizer, cfg)
     batchers = {"collab": collator.collab, "content": collator.content}
     checkpoints = Checkpointer(engine, out_dir, cfg.run.save_every_steps, cfg.run.keep_checkpoints, cfg.to_dict(),
-                               optimizers.shards)
+                               optimizers.shards, stage_clock=resources.elapsed)
     resume_from = checkpoints.find(cfg.run.resume)
     state = checkpoints.load(resume_from) if resume_from else None
     progress = Progress.from_dict(state["progress"]) if state else Progress()
+    resources.resumed_after(progress.wall_s)
     if rank == 0:
         cfg.dump(out_dir / "config.json")
     log.info("pretrain on %d rank(s): %d collab docs, %d content docs; plan %s%s", world,

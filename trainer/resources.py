@@ -61,10 +61,20 @@ class ResourceReport:
     def __init__(self, stage: str):
         self.stage = stage
         self.started = time.time()
+        self.earlier_s = 0.0  # wall time of the processes that ran this stage before a resume
         self.setup_peak_mb: float | None = None
 
     def setup_done(self) -> None:
         self.setup_peak_mb = peak_rss_mb()
+
+    def elapsed(self) -> float:
+        """The stage's wall time so far, earlier processes included (saved in every checkpoint)."""
+        return self.earlier_s + time.time() - self.started
+
+    def resumed_after(self, earlier_s: float) -> None:
+        """A resumed stage also counts its earlier processes' time, up to the checkpoint it
+        resumed from (work done after that checkpoint was lost and is done again)."""
+        self.earlier_s = earlier_s
 
     def write(self, out_dir: Path, skipped_shards: dict | None = None) -> dict:
         """Collective."""
@@ -72,13 +82,14 @@ class ResourceReport:
         peaks, setup_peaks = [None] * world, [None] * world
         torch.distributed.all_gather_object(peaks, peak_rss_mb())
         torch.distributed.all_gather_object(setup_peaks, self.setup_peak_mb)
-        report = {"stage": self.stage, "wall_s": round(time.time() - self.started, 1), "peak_rss_mb_per_rank": peaks,
-                  "setup_peak_rss_mb_per_rank": setup_peaks, "skipped_shards": skipped_shards or {}}
+        report = {"stage": self.stage, "wall_s": round(self.elapsed(), 1), "resumed_after_s": round(self.earlier_s, 1),
+                  "peak_rss_mb_per_rank": peaks, "setup_peak_rss_mb_per_rank": setup_peaks,
+                  "skipped_shards": skipped_shards or {}}
         if torch.distributed.get_rank() == 0:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             (Path(out_dir) / "resources.json").write_text(json.dumps(report, indent=2))
-            log.info("%s: %.1f s wall, peak RSS per rank %s MB (after setup %s MB)", self.stage, report["wall_s"],
-                     peaks, setup_peaks)
+            log.info("%s: %.1f s wall%s, peak RSS per rank %s MB (after setup %s MB)", self.stage, report["wall_s"],
+                     f" ({self.earlier_s:.1f} s of it before the resume)" if self.earlier_s else "", peaks, setup_peaks)
         return report
 
 

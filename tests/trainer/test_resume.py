@@ -100,6 +100,10 @@ def test_killed_run_resumes_exactly(runs, stage):
         a, b = (whole / stage / name).read_bytes(), (broken / stage / name).read_bytes()
         assert a == b, f"{stage}/{name} differs after resume"
     assert _losses(whole / stage / "train_log.jsonl") == _losses(broken / stage / "train_log.jsonl")
+    # the resumed stage's wall time also counts the killed process's, up to its checkpoint
+    resumed = json.loads((broken / stage / "resources.json").read_text())
+    assert resumed["resumed_after_s"] > 0 and resumed["wall_s"] > resumed["resumed_after_s"]
+    assert json.loads((whole / stage / "resources.json").read_text())["resumed_after_s"] == 0
     if stage == "finetune":
         assert json.loads((whole / stage / "selection.json").read_text()) == \
             json.loads((broken / stage / "selection.json").read_text())
