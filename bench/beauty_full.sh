@@ -13,8 +13,12 @@ SHARDS=runs/shards-beauty-full
 TOKENIZERS=${TOKENIZERS:-../shared/tokenizers}
 if [ ! -d "$BEAUTY/full" ]; then echo "bench/beauty_full.sh: $BEAUTY/full not found (set BEAUTY=...)" >&2; exit 2; fi
 
-[ -f "$SHARDS/index.json" ] || cllm4rec build-shards --input "$BEAUTY/full" --texts "$BEAUTY/derived" \
-  --output "$SHARDS" --overwrite
+# The shards are reused only if they were built from this same input (another BEAUTY rebuilds them).
+built_from=$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["source"]["input_dir"])' \
+  "$SHARDS/index.json" 2>/dev/null || true)
+if [ "$built_from" != "$(realpath "$BEAUTY/full")" ]; then
+  cllm4rec build-shards --input "$BEAUTY/full" --texts "$BEAUTY/derived" --output "$SHARDS" --overwrite
+fi
 [ -f "$OUT/base/config.json" ] || cllm4rec make-tiny-model --output "$OUT/base" --tokenizer llama2 \
   --tokenizers-dir "$TOKENIZERS" --hidden-size 128 --layers 2
 
