@@ -10,6 +10,7 @@
     cllm4rec baselines --shards DIR
     cllm4rec export --from RUN/finetune --output BUNDLE
     cllm4rec recommend --bundle BUNDLE --users 0,5|all [--k 100]   (or --history 3,17,42)
+    cllm4rec recommend --bundle B0 --bundle B1 ... --users all      (an ensemble of bundles)
     cllm4rec pretrain|finetune|evaluate --config configs/x.yaml [key.sub=value ...] [--resume auto]
 
 The training subcommands are what launch/*.sh start under the `deepspeed` launcher, which
@@ -152,12 +153,12 @@ def _recommend(args) -> None:
     users = _id_list("--users", args.users, original) if args.users not in (None, "all") else args.users
     user = _id_list("--user", args.user, original)[0]
     try:
-        maps = IdMaps(args.bundle) if original else None
+        maps = IdMaps(args.bundle[0]) if original else None
         if maps is not None:  # the data's own ids in, contiguous ids to the model
             history = maps.to_ids("items", history) if history is not None else None
             users = maps.to_ids("users", users) if users not in (None, "all") else users
             user = maps.to_ids("users", [user])[0] if history is not None else user
-        rec = Recommender(args.bundle, args.base)
+        rec = Recommender(args.bundle[0], args.base, members=args.bundle[1:], ensemble_depth=args.ensemble_depth)
         if history is not None:
             results = {user: rec.for_history(user, history, args.k)}
         else:
@@ -359,7 +360,12 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_export)
 
     p = sub.add_parser("recommend", help="top-k items from a bundle, as JSON lines {\"user\", \"items\"}")
-    p.add_argument("--bundle", required=True)
+    p.add_argument("--bundle", required=True, action="append",
+                   help="a bundle (cllm4rec export); repeat it for an ensemble of models trained with the same base "
+                        "and settings (other seeds), fused as evaluate.ensemble does (beyond the paper)")
+    p.add_argument("--ensemble-depth", type=int, default=100,
+                   help="with several --bundle: each model's top this many items go into the fusion (evaluate "
+                        "takes 100, or evaluate.fusion_depth with evaluate.ease_fusion)")
     p.add_argument("--users", help="comma-separated user ids, or 'all'")
     p.add_argument("--history", help="comma-separated item ids: recommend for this history instead")
     p.add_argument("--user", default="0", help="with --history: whose ID token the prompt names")

@@ -15,6 +15,11 @@ It loads with transformers + peft alone (no DeepSpeed): ``AutoModelForCausalLM.f
 (base)`` then ``PeftModel.from_pretrained(model, "bundle/adapters/collab")``; this module does
 that, plus the ID tables. Users are scored in the evaluate stage's blocks (ranking.user_blocks),
 so `recommend` reproduces `recommendations.jsonl` exactly.
+
+Beyond the paper, as `evaluate.ensemble`: more bundles of models trained with the same base and
+settings (other seeds) serve as one ensemble. The one loaded base takes each bundle's tables and
+adapters in turn, each ranks its top `ensemble_depth` items, and the lists are fused with equal
+weights, as evaluate writes `recommendations_ensemble.jsonl`.
 """
 from __future__ import annotations
 
@@ -93,24 +98,59 @@ def _load_checkpoint_params(model, checkpoint: Path) -> None:
                 param.copy_(saved[f"param/{name}"])
 
 
-class Recommender:
-    """A bundle loaded for scoring, on the CPU (or the device given)."""
+def _bundle_meta(bundle: Path) -> dict:
+    if not (bundle / "model_state.json").is_file():
+        raise FileNotFoundError(f"{bundle} is not a bundle (no model_state.json); make one with `cllm4rec export`")
+    return json.loads((bundle / "model_state.json").read_text())
 
-    def __init__(self, bundle, base_dir: str | None = None):
+
+class Recommender:
+    """A bundle loaded for scoring, on the CPU (or the device given); with `members`, the
+    ensemble of it and those bundles (module docstring)."""
+
+    def __init__(self, bundle, base_dir: str | None = None, members=(), ensemble_depth: int = 100):
         from trainer.model_state import load_model_state
 
         self.bundle = Path(bundle)
-        if not (self.bundle / "model_state.json").is_file():
-            raise FileNotFoundError(f"{self.bundle} is not a bundle (no model_state.json); make one with "
-                                    "`cllm4rec export`")
+        meta = _bundle_meta(self.bundle)
+        self.train = sp.csr_matrix(sp.load_npz(self.bundle / "train.npz"), dtype=np.float32)
+        self.members = [Path(m) for m in members]
+        self.ensemble_depth = int(ensemble_depth)
+        if self.ensemble_depth < 1:
+            raise ValueError(f"ensemble depth {ensemble_depth}: items taken from each model's list, at least 1")
+        for member in self.members:
+            if _bundle_meta(member) != meta:
+                raise ValueError(f"{member} is not a model of {self.bundle}'s kind: model_state.json "
+                                 f"{_bundle_meta(member)} against {meta}; an ensemble's bundles share base and settings")
+            train = sp.load_npz(member / "train.npz").tocsr()
+            if train.shape != self.train.shape or (train != self.train).nnz:
+                raise ValueError(f"{member} was trained on other train data than {self.bundle} (train.npz differs); "
+                                 "an ensemble's bundles come from the same shards")
+        if len({m.resolve() for m in [self.bundle, *self.members]}) < len(self.members) + 1:
+            raise ValueError(f"the ensemble {[str(m) for m in [self.bundle, *self.members]]} repeats a bundle; "
+                             "give each once")
         self.cfg = config_from_dict(json.loads((self.bundle / "config.json").read_text()), str(self.bundle),
                                     [f"model.base_dir={base_dir}"] if base_dir else [])
-        meta = json.loads((self.bundle / "model_state.json").read_text())
         self.model, tokenizer = _plain_model(self.cfg, meta["num_users"], meta["num_items"])
         load_model_state(self.model, self.bundle)
         self.model.eval()
-        self.train = sp.csr_matrix(sp.load_npz(self.bundle / "train.npz"), dtype=np.float32)
         self.collator = Collator.from_config(tokenizer, self.cfg)
+
+    def _each_model(self):
+        """Loads every model of the ensemble into the one base in turn (just this one, alone)."""
+        from trainer.model_state import load_model_state
+
+        if not self.members:
+            yield
+            return
+        for bundle in (self.bundle, *self.members):
+            load_model_state(self.model, bundle)
+            yield
+
+    def _fused(self, lists: list[np.ndarray], train_rows, k: int) -> np.ndarray:
+        from trainer.baselines import fuse_ensemble
+
+        return lists[0][:, :k] if len(lists) == 1 else fuse_ensemble(lists, train_rows, k)
 
     def for_users(self, users: list[int], k: int, batch_size: int | None = None) -> dict[int, list[int]]:
         """Top-k items of known users (train items excluded), scored in the evaluate stage's blocks."""
@@ -122,13 +162,17 @@ class Recommender:
             raise ValueError(f"unknown user id(s) {bad[:5]}: this bundle has users 0..{num_users - 1}")
         blocks = user_blocks(num_users, batch_size or self.cfg.evaluate.batch_size)
         size = len(blocks[0])
-        out = {}
-        for b in sorted({u // size for u in users}):
-            top = rank_block(self.model, self.collator, self.train, blocks[b], k, self.cfg.evaluate.item_block)
-            for row, user in enumerate(blocks[b]):
-                if int(user) in users:
-                    out[int(user)] = [int(i) for i in top[row] if i >= 0]
-        return out
+        users = sorted(set(users))
+        depth = max(k, self.ensemble_depth) if self.members else k
+        lists = []
+        for _ in self._each_model():
+            ranked = {}
+            for b in sorted({u // size for u in users}):
+                top = rank_block(self.model, self.collator, self.train, blocks[b], depth, self.cfg.evaluate.item_block)
+                ranked.update((int(user), top[row]) for row, user in enumerate(blocks[b]))
+            lists.append(np.stack([ranked[u] for u in users]))
+        fused = self._fused(lists, self.train[users], k)
+        return {user: [int(i) for i in row if i >= 0] for user, row in zip(users, fused)}
 
     @torch.no_grad()
     def for_history(self, user: int, items: list[int], k: int) -> list[int]:
@@ -139,8 +183,15 @@ class Recommender:
         bad = [i for i in items if not 0 <= i < num_items]
         if bad:
             raise ValueError(f"unknown item id(s) {bad[:5]}: this bundle has items 0..{num_items - 1}")
-        scores = self.model("score", self.collator.score([user], [items]))["scores"]
-        return [int(i) for i in topk_excluding(scores, [np.asarray(items, dtype=np.int64)], k)[0] if i >= 0]
+        history = np.asarray(items, dtype=np.int64)
+        depth = max(k, self.ensemble_depth) if self.members else k
+        lists = []
+        for _ in self._each_model():
+            scores = self.model("score", self.collator.score([user], [items]))["scores"]
+            lists.append(np.asarray(topk_excluding(scores, [history], depth)))
+        seen = sp.csr_matrix((np.ones(len(history)), (np.zeros(len(history), dtype=np.int64), history)),
+                             shape=(1, num_items))
+        return [int(i) for i in self._fused(lists, seen, k)[0] if i >= 0]
 
 
 class IdMaps:

@@ -5,6 +5,7 @@ on its outputs.
 """
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -155,17 +156,23 @@ def _recommendations(path) -> np.ndarray:
     return out
 
 
-def test_ensemble_fuses_the_members_rankings_and_keeps_the_model_row(run, mini_dir):
-    """One evaluate of the pretrained state with the finetuned one as a second member: its own
-    list is the pretrained model's alone, and its ensemble list equals the equal-weight fusion of
-    that list with the finetuned model's (written by the run's own evaluate)."""
+@pytest.fixture(scope="module")
+def ensemble(run):
+    """One evaluate of the pretrained state with the finetuned one as a second member."""
+    tmp, _ = run
+    return _launch("evaluate", [f"model.base_dir={tmp / 'tiny'}", f"data.shards={tmp / 'shards'}",
+                                f"run.dir={tmp / 'ens'}", "evaluate.recommendations=true", "evaluate.baselines=false",
+                                f"evaluate.checkpoint={tmp / 'run' / 'pretrain'}",
+                                f"evaluate.ensemble=[{tmp / 'run' / 'finetune'}]"], launcher_env(NPROC="2"))
+
+
+def test_ensemble_fuses_the_members_rankings_and_keeps_the_model_row(run, ensemble, mini_dir):
+    """The ensemble's own list is the pretrained model's alone, and its ensemble list equals the
+    equal-weight fusion of that list with the finetuned model's (written by the run's own evaluate)."""
     from trainer.baselines import fuse_ensemble
 
     tmp, _ = run
-    log = _launch("evaluate", [f"model.base_dir={tmp / 'tiny'}", f"data.shards={tmp / 'shards'}",
-                               f"run.dir={tmp / 'ens'}", "evaluate.recommendations=true", "evaluate.baselines=false",
-                               f"evaluate.checkpoint={tmp / 'run' / 'pretrain'}",
-                               f"evaluate.ensemble=[{tmp / 'run' / 'finetune'}]"], launcher_env(NPROC="2"))
+    log = ensemble
     train = sp.load_npz(mini_dir / "train_matrix.npz").tocsr()
     members = [_recommendations(tmp / "ens" / "recommendations.jsonl"), _recommendations(tmp / "run" / "recommendations.jsonl")]
     fused = _recommendations(tmp / "ens" / "recommendations_ensemble.jsonl")
@@ -179,3 +186,27 @@ def test_ensemble_fuses_the_members_rankings_and_keeps_the_model_row(run, mini_d
         for key in ("recall@20", "recall@40", "ndcg@100"):
             assert abs(metrics["ensemble"][split][key] - expected[key]) < 1e-6
     assert "CLLM4Rec ensemble of 2" in log
+
+
+def test_recommend_serves_the_ensemble_of_bundles_as_evaluate_fused_it(run, ensemble):
+    """`recommend` with the pretrained and the finetuned model's bundles prints the ensemble's
+    lists of the 2-rank evaluate; a bundle trained on other data is refused, naming it."""
+    tmp, _ = run
+    env = launcher_env()
+    bundles = [tmp / "bundle-pretrain", tmp / "bundle-finetune"]
+    for stage, bundle in zip(("pretrain", "finetune"), bundles):
+        subprocess.run(["cllm4rec", "export", "--from", str(tmp / "run" / stage), "--output", str(bundle),
+                        "--overwrite"], check=True, env=env, capture_output=True, cwd=REPO)
+    served = subprocess.run(["cllm4rec", "recommend", "--bundle", str(bundles[0]), "--bundle", str(bundles[1]),
+                             "--users", "all"], env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert served.returncode == 0, served.stderr[-3000:]
+    assert served.stdout.splitlines() == (tmp / "ens" / "recommendations_ensemble.jsonl").read_text().splitlines()
+
+    other = tmp / "bundle-other-data"
+    shutil.copytree(bundles[1], other, dirs_exist_ok=True)
+    train = sp.load_npz(other / "train.npz").tolil()
+    train[0, train.rows[0][0]] = 0
+    sp.save_npz(other / "train.npz", train.tocsr())
+    refused = subprocess.run(["cllm4rec", "recommend", "--bundle", str(bundles[0]), "--bundle", str(other),
+                              "--users", "0"], env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert refused.returncode != 0 and f"{other} was trained on other train data" in refused.stderr
