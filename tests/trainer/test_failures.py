@@ -182,7 +182,7 @@ def test_recommend_speaks_the_data_own_ids(tmp_path, monkeypatch, capsys):
     from trainer.cli import main
 
     class Scores:  # contiguous ids in, contiguous ids out, as the real Recommender
-        def __init__(self, bundle, base=None):
+        def __init__(self, bundle, base=None, members=(), ensemble_depth=100):
             self.train = type("T", (), {"shape": (3, 4)})()
 
         def for_users(self, users, k):
