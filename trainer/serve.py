@@ -119,9 +119,10 @@ class Recommender:
         if self.ensemble_depth < 1:
             raise ValueError(f"ensemble depth {ensemble_depth}: items taken from each model's list, at least 1")
         for member in self.members:
-            if _bundle_meta(member) != meta:
+            member_meta = _bundle_meta(member)
+            if member_meta != meta:
                 raise ValueError(f"{member} is not a model of {self.bundle}'s kind: model_state.json "
-                                 f"{_bundle_meta(member)} against {meta}; an ensemble's bundles share base and settings")
+                                 f"{member_meta} against {meta}; an ensemble's bundles share base and settings")
             train = sp.load_npz(member / "train.npz").tocsr()
             if train.shape != self.train.shape or (train != self.train).nnz:
                 raise ValueError(f"{member} was trained on other train data than {self.bundle} (train.npz differs); "
@@ -147,6 +148,10 @@ class Recommender:
             load_model_state(self.model, bundle)
             yield
 
+    def _depth(self, k: int) -> int:
+        """Items each model ranks: k alone, at least ensemble_depth in an ensemble."""
+        return max(k, self.ensemble_depth) if self.members else k
+
     def _fused(self, lists: list[np.ndarray], train_rows, k: int) -> np.ndarray:
         from trainer.baselines import fuse_ensemble
 
@@ -163,7 +168,7 @@ class Recommender:
         blocks = user_blocks(num_users, batch_size or self.cfg.evaluate.batch_size)
         size = len(blocks[0])
         users = sorted(set(users))
-        depth = max(k, self.ensemble_depth) if self.members else k
+        depth = self._depth(k)
         lists = []
         for _ in self._each_model():
             ranked = {}
@@ -184,7 +189,7 @@ class Recommender:
         if bad:
             raise ValueError(f"unknown item id(s) {bad[:5]}: this bundle has items 0..{num_items - 1}")
         history = np.asarray(items, dtype=np.int64)
-        depth = max(k, self.ensemble_depth) if self.members else k
+        depth = self._depth(k)
         lists = []
         for _ in self._each_model():
             scores = self.model("score", self.collator.score([user], [items]))["scores"]
