@@ -5,19 +5,39 @@
 # test Recall@20 / Recall@40 / NDCG@100 of the seed-0 model, the ensemble and its fusion with EASE
 # beside popularity and EASE (lambda chosen on validation), computed in the same run, then the
 # wall time and peak RSS per rank of every stage. Needs the shared data folder beside the repo.
+#
+# Another data set runs through the same configuration unchanged (its run folder is
+# runs/bench-<folder name> unless OUT is set):
+#   BEAUTY=DIR   a folder in the same layout (full/, and derived/ with item texts if it has them);
+#   SHARDS=DIR   a shard folder made beforehand, e.g. by `cllm4rec prepare` from Amazon review files.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BEAUTY=${BEAUTY:-../shared/data/amazon_beauty_cllm4rec}
-OUT=${OUT:-runs/bench-beauty}
-SHARDS=runs/shards-beauty-full
 TOKENIZERS=${TOKENIZERS:-../shared/tokenizers}
-if [ ! -d "$BEAUTY/full" ]; then echo "bench/beauty_full.sh: $BEAUTY/full not found (set BEAUTY=...)" >&2; exit 2; fi
+if [ -n "${SHARDS:-}" ]; then
+  name=$(basename "$SHARDS")
+elif [ -n "${BEAUTY:-}" ]; then
+  name=$(basename "$BEAUTY")
+else
+  BEAUTY=../shared/data/amazon_beauty_cllm4rec name=beauty
+fi
+OUT=${OUT:-runs/bench-$name}
 
-# The shards are reused only if they were built from this same input (another BEAUTY rebuilds them).
-built_from=$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["source"]["input_dir"])' \
-  "$SHARDS/index.json" 2>/dev/null || true)
-if [ "$built_from" != "$(realpath "$BEAUTY/full")" ]; then
-  cllm4rec build-shards --input "$BEAUTY/full" --texts "$BEAUTY/derived" --output "$SHARDS" --overwrite
+if [ -n "${SHARDS:-}" ]; then
+  if [ ! -f "$SHARDS/index.json" ]; then
+    echo "bench/beauty_full.sh: SHARDS=$SHARDS has no index.json (make it with cllm4rec prepare or build-shards)" >&2
+    exit 2
+  fi
+else
+  if [ ! -d "$BEAUTY/full" ]; then echo "bench/beauty_full.sh: $BEAUTY/full not found (set BEAUTY=... or SHARDS=...)" >&2; exit 2; fi
+  SHARDS=runs/shards-$name-full
+  TEXTS=()
+  [ -d "$BEAUTY/derived" ] && TEXTS=(--texts "$BEAUTY/derived")
+  # The shards are reused only if they were built from this same input (another BEAUTY rebuilds them).
+  built_from=$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["source"]["input_dir"])' \
+    "$SHARDS/index.json" 2>/dev/null || true)
+  if [ "$built_from" != "$(realpath "$BEAUTY/full")" ]; then
+    cllm4rec build-shards --input "$BEAUTY/full" "${TEXTS[@]}" --output "$SHARDS" --overwrite
+  fi
 fi
 [ -f "$OUT/base/config.json" ] || cllm4rec make-tiny-model --output "$OUT/base" --tokenizer llama2 \
   --tokenizers-dir "$TOKENIZERS" --hidden-size 128 --layers 2
