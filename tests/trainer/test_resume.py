@@ -24,9 +24,9 @@ SAVED = ["id_tables.safetensors", "adapters/collab/adapter_model.safetensors",
 
 def _command(stage, tmp, run_dir, *extra):
     overrides = [f"model.base_dir={tmp / 'tiny'}", f"data.shards={tmp / 'shards'}", f"run.dir={run_dir}",
-                 "pretrain.rounds=1", "pretrain.content_batch_size=8", "pretrain.collab_batch_size=4",
+                 "pretrain.rounds=1", "pretrain.content_batch_size=16", "pretrain.collab_batch_size=4",
                  "finetune.epochs=2", "finetune.content_epochs=true", "finetune.batch_size=4",
-                 "finetune.content_batch_size=8", "lora.dropout=0.1", "run.save_every_steps=5",
+                 "finetune.content_batch_size=16", "lora.dropout=0.1", "run.save_every_steps=5",
                  "finetune.lr_schedule=cosine", "finetune.warmup_steps=3",  # the schedule resumes exactly too
                  "data.log_documents=true", "data.num_workers=2", "run.log_every=1000", *extra]
     return ["bash", str(REPO / "launch" / f"{stage}.sh"), "configs/quickstart.yaml", *overrides]
