@@ -14,24 +14,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 TOKENIZERS=${TOKENIZERS:-../shared/tokenizers}
 if [ -n "${SHARDS:-}" ]; then
-  name=$(basename "$SHARDS")
-elif [ -n "${BEAUTY:-}" ]; then
-  name=$(basename "$BEAUTY")
-else
-  BEAUTY=../shared/data/amazon_beauty_cllm4rec name=beauty
-fi
-OUT=${OUT:-runs/bench-$name}
-
-if [ -n "${SHARDS:-}" ]; then
   if [ ! -f "$SHARDS/index.json" ]; then
     echo "bench/beauty_full.sh: SHARDS=$SHARDS has no index.json (make it with cllm4rec prepare or build-shards)" >&2
     exit 2
   fi
+  name=$(basename "$SHARDS")
 else
+  if [ -n "${BEAUTY:-}" ]; then name=$(basename "$BEAUTY"); else BEAUTY=../shared/data/amazon_beauty_cllm4rec name=beauty; fi
   if [ ! -d "$BEAUTY/full" ]; then echo "bench/beauty_full.sh: $BEAUTY/full not found (set BEAUTY=... or SHARDS=...)" >&2; exit 2; fi
   SHARDS=runs/shards-$name-full
   TEXTS=()
-  [ -d "$BEAUTY/derived" ] && TEXTS=(--texts "$BEAUTY/derived")
+  if [ -d "$BEAUTY/derived" ]; then TEXTS=(--texts "$BEAUTY/derived"); else echo "bench/beauty_full.sh: $BEAUTY has no derived/: no item texts beyond full/'s"; fi
   # The shards are reused only if they were built from this same input (another BEAUTY rebuilds them).
   built_from=$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["source"]["input_dir"])' \
     "$SHARDS/index.json" 2>/dev/null || true)
@@ -39,6 +32,7 @@ else
     cllm4rec build-shards --input "$BEAUTY/full" "${TEXTS[@]}" --output "$SHARDS" --overwrite
   fi
 fi
+OUT=${OUT:-runs/bench-$name}
 [ -f "$OUT/base/config.json" ] || cllm4rec make-tiny-model --output "$OUT/base" --tokenizer llama2 \
   --tokenizers-dir "$TOKENIZERS" --hidden-size 128 --layers 2
 
